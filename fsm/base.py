@@ -1,0 +1,140 @@
+"""What every protocol machine shares: a `transitions` machine built from tables written as
+data, strict events (an event outside the table is an error and changes nothing), and a
+failed state that records its cause.
+
+Machines say what to do (intents); adapters do the I/O and fire the resulting events.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from transitions import Machine, MachineError
+
+from pp1.protocol.errors import LocalProtocolError
+
+log = logging.getLogger("pp1.fsm")
+
+ErrorKind = Literal["local", "remote"]
+
+FAILED = "failed"
+FAIL = "fail"  # the event that leads to FAILED from every non-terminal state
+
+
+@dataclass(frozen=True)
+class FailureCause:
+    """Why a machine failed: which rank, in which state (phase), why, and whose fault."""
+
+    rank: int
+    phase: str
+    reason: str
+    kind: ErrorKind  # local: this rank broke the protocol or its own work failed; remote: a peer did
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} failed in {self.phase} ({self.kind}): {self.reason}"
+
+
+class InvalidEvent(LocalProtocolError):
+    """An event that the machine's table does not allow in the current state."""
+
+    def __init__(self, machine: str, state: str, event: str) -> None:
+        super().__init__(f"{machine}.{state}", f"event {event!r} is not allowed in state {state!r}", "invalid_event")
+        self.machine = machine
+        self.state = state
+        self.event = event
+
+
+class ProtocolMachine:
+    """Base of every machine. Subclasses set the tables as class attributes:
+
+    STATES: list of state names; TRANSITIONS: list of (event, source(s), dest) tuples where
+    source may be a list of states or "*" (every non-terminal state); INITIAL; TERMINAL.
+    Every machine gets ``fail`` from every non-terminal state to ``failed``.
+    """
+
+    NAME: ClassVar[str]
+    STATES: ClassVar[list[str]]
+    TRANSITIONS: ClassVar[list[tuple[str, str | list[str], str]]]
+    INITIAL: ClassVar[str]
+    TERMINAL: ClassVar[frozenset[str]]
+
+    state: str  # maintained by transitions
+
+    def __init__(self, rank: int, **ctx: Any) -> None:
+        self.rank = rank
+        self.ctx = ctx  # ids for logging (role, mesh_rank, ...)
+        self.failure: FailureCause | None = None
+        self._machine = Machine(
+            model=self,
+            states=list(self.STATES),
+            transitions=self.transition_dicts(),
+            initial=self.INITIAL,
+            queued=True,
+            auto_transitions=False,
+            ignore_invalid_triggers=False,
+            send_event=True,
+            after_state_change="_log_state",
+        )
+
+    # -- the table ---------------------------------------------------------------------------------
+    @classmethod
+    def non_terminal(cls) -> list[str]:
+        return [s for s in cls.STATES if s not in cls.TERMINAL]
+
+    @classmethod
+    def transition_dicts(cls) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for event, source, dest in cls.TRANSITIONS:
+            src = cls.non_terminal() if source == "*" else source
+            out.append({"trigger": event, "source": src, "dest": dest})
+        if FAILED in cls.STATES:
+            out.append({"trigger": FAIL, "source": cls.non_terminal(), "dest": FAILED})
+        return out
+
+    @classmethod
+    def events(cls) -> list[str]:
+        return sorted({t["trigger"] for t in cls.transition_dicts()})
+
+    @classmethod
+    def next_state(cls, state: str, event: str) -> str | None:
+        """The table's answer for (state, event), or None when the event is not allowed."""
+        for t in cls.transition_dicts():
+            src = t["source"]
+            if t["trigger"] == event and (state == src or (isinstance(src, list) and state in src)):
+                return t["dest"]
+        return None
+
+    # -- firing -------------------------------------------------------------------------------------
+    def can_fire(self, event: str) -> bool:
+        return self.next_state(self.state, event) is not None
+
+    def fire(self, event: str) -> str:
+        """Apply ``event``; returns the new state. Raises InvalidEvent (state untouched) if the
+        table has no such transition from the current state."""
+        if not self.can_fire(event):
+            raise InvalidEvent(self.NAME, self.state, event)
+        try:
+            self.trigger(event)  # type: ignore[attr-defined]  # added by transitions
+        except MachineError as exc:  # pragma: no cover - guarded by can_fire
+            raise InvalidEvent(self.NAME, self.state, event) from exc
+        return self.state
+
+    def fail_with(self, reason: str, kind: ErrorKind) -> FailureCause:
+        """Go to ``failed`` recording the cause; the first cause wins, later ones are logged."""
+        cause = FailureCause(rank=self.rank, phase=self.state, reason=reason, kind=kind)
+        if self.is_terminal:
+            log.warning("%s rank=%d already %s; ignoring later cause: %s", self.NAME, self.rank, self.state, cause)
+            return self.failure or cause
+        self.failure = cause
+        self.fire(FAIL)
+        return cause
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in self.TERMINAL
+
+    def _log_state(self, event: Any) -> None:
+        ids = " ".join(f"{k}={v}" for k, v in self.ctx.items())
+        log.debug("%s rank=%d %s event=%s -> state=%s", self.NAME, self.rank, ids, event.event.name, self.state)

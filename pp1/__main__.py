@@ -1,0 +1,3 @@
+from pp1.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The run's configuration and the parity check every rank runs before anything heavy loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .messages import PROTOCOL_VERSION
+
+Topology = Literal["pp1", "tp"]
+
+
+class RunConfig(BaseModel):
+    """What every rank must agree on. Two ranks with different digests must not start."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topology: Topology = "pp1"
+    world_size: int = Field(default=3, ge=1)
+    mesh_global_ranks: tuple[int, ...] = (1, 2)
+    preset: str = "tiny"
+    pipeline: str = "pp1.pipelines.reference:factory"
+    dtype: str = "float32"
+    device_backend: str = "gloo"
+    control_backend: str = "gloo"
+    compile: bool = False
+    protocol_version: int = PROTOCOL_VERSION
+    seed: int = 0
+    recompute_every: int = Field(default=1, ge=0)  # K: recompute every K chunks (0 = never)
+    heartbeat_s: float = Field(default=1.0, gt=0)  # H
+    watchdog_s: float = Field(default=5.0, gt=0)  # W > 3 H
+    deadline_floor_s: float = Field(default=30.0, gt=0)
+    deadline_factor: float = Field(default=4.0, gt=1)  # c in max(c * p99, floor)
+    warmup_chunks: int = Field(default=1, ge=0)
+
+    @property
+    def front_rank(self) -> int | None:
+        """Global rank of the front, or None under pure TP (rank 0 is the leader and the front)."""
+        return 0 if self.topology == "pp1" else None
+
+    @property
+    def leader_rank(self) -> int:
+        return self.mesh_global_ranks[0]
+
+    @property
+    def mesh_size(self) -> int:
+        return len(self.mesh_global_ranks)
+
+    def digest(self) -> str:
+        return config_digest(self.model_dump(mode="json"))
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    blob = json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_diff(ref: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """Per-key differences, ``key: ref_value != other_value``, sorted by key."""
+    out = []
+    for key in sorted(set(ref) | set(other)):
+        a, b = ref.get(key, "<missing>"), other.get(key, "<missing>")
+        if a != b:
+            out.append(f"{key}: {a!r} != {b!r}")
+    return out
+
+
+def parity_report(configs: list[dict[str, Any]]) -> list[str]:
+    """One line per (rank, key) that differs from rank 0's config; empty means parity holds."""
+    lines = []
+    for rank, cfg in enumerate(configs[1:], start=1):
+        lines.extend(f"rank {rank} vs rank 0: {d}" for d in config_diff(configs[0], cfg))
+    return lines

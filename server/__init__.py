@@ -1,0 +1,1 @@
+"""HTTP + WebRTC server (FastAPI, aiortc). Imports `pp1.adapters` only; arrives with its own issue."""
