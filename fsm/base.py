@@ -11,9 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from transitions import Machine, MachineError
-
 from pp1.protocol.errors import LocalProtocolError
+from transitions import Machine, MachineError
 
 log = logging.getLogger("pp1.fsm")
 

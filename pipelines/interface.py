@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
-
 from pp1.protocol.geometry import ChunkGeometry
 
 from .comm import Communicator
