@@ -75,9 +75,9 @@ CHUNK_STATES = [IDLE, BUILDING, IN_FLIGHT, CUTTING, DRAINING, CLOSING, STOPPING,
 # (event, source(s), dest). Self-loops are spelled out per state.
 CHUNK_TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     # plan (the engine builds the envelope) ...
-    ("plan_infer", IDLE, BUILDING),
-    ("plan_noop", IDLE, BUILDING),
-    ("plan_shutdown", [IDLE, CLOSING], STOPPING),
+    ("infer_planned", IDLE, BUILDING),
+    ("noop_planned", IDLE, BUILDING),
+    ("shutdown_planned", [IDLE, CLOSING], STOPPING),
     # ... then sent, or aborted before the first byte (nothing sent)
     ("sent", BUILDING, IN_FLIGHT),
     ("sent_stale", BUILDING, CUTTING),  # a hard cut came while building: the envelope is already stale
@@ -297,7 +297,7 @@ class ChunkMachine(ProtocolMachine):
     # -- planning -----------------------------------------------------------------------------------
     def plan_next(self, now: float) -> ChunkPlan:
         """Plan the epoch's next chunk (the retry, after a RETRY). Only in idle."""
-        self._require("plan_infer")
+        self._require("infer_planned")
         k = self.position
         recompute = recompute_due(k, self.recompute_every)
         if recompute and self.kv.state != NEEDS_RECOMPUTE:  # pragma: no cover - schedule invariant
@@ -316,21 +316,21 @@ class ChunkMachine(ProtocolMachine):
             context_source=self.context_source if recompute else None,
             context_frames=self.kv.context_frames() if recompute else 0,
         )
-        self._begin(plan, "plan_infer")
+        self._begin(plan, "infer_planned")
         return plan
 
     def plan_noop(self, now: float) -> ChunkPlan:
         """Plan a heartbeat. Only in idle (never while anything is in flight)."""
-        self._require("plan_noop")
+        self._require("noop_planned")
         plan = ChunkPlan(action=Action.NOOP, call_id=self.next_call_id(), cache_epoch=self.cache_epoch)
-        self._begin(plan, "plan_noop")
+        self._begin(plan, "noop_planned")
         return plan
 
     def plan_shutdown(self) -> ChunkPlan:
         """Plan the SHUTDOWN envelope. In idle or closing (drain first: never while in flight)."""
-        self._require("plan_shutdown")
+        self._require("shutdown_planned")
         plan = ChunkPlan(action=Action.SHUTDOWN, call_id=self.next_call_id(), cache_epoch=self.cache_epoch)
-        self._begin(plan, "plan_shutdown")
+        self._begin(plan, "shutdown_planned")
         return plan
 
     def farewell_plan(self) -> ChunkPlan | None:

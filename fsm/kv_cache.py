@@ -5,12 +5,12 @@ schedule (init / reset / recompute flags, how many context frames a recompute ne
 one place. All sizes are in latent frames.
 
     empty --store--> filling | rolling      a chunk's result was accepted (rolling once the window is full)
-    filling|rolling --mark_recompute--> needs_recompute   the schedule says the next chunk recomputes
-    needs_recompute --begin_recompute--> recomputing      that chunk was planned (it is being built / in flight)
+    filling|rolling --recompute_due--> needs_recompute    mark_recompute(): the schedule says the next chunk recomputes
+    needs_recompute --recompute_begun--> recomputing      begin_recompute(): that chunk was sent (it is in flight)
     recomputing --store--> filling | rolling              its result was accepted
-    any live state --reset--> empty                        hard cut (prompt reset / error recovery)
+    any live state --cache_reset--> empty                  reset(): hard cut (prompt reset / error recovery)
 
-``store`` is two table events (``fill`` / ``roll``): the method picks the one that matches the
+``store()`` is two table events (``fill`` / ``roll``): the method picks the one that matches the
 frame count, so the table stays data and every move is explicit.
 """
 
@@ -28,13 +28,13 @@ RECOMPUTING = "recomputing"
 
 KV_STATES = [EMPTY, FILLING, ROLLING, NEEDS_RECOMPUTE, RECOMPUTING, FAILED]
 
-# (event, source(s), dest)
+# (event, source(s), dest). Event names differ from the method names (transitions binds triggers).
 KV_TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     ("fill", [EMPTY, FILLING, RECOMPUTING], FILLING),
     ("roll", [EMPTY, FILLING, ROLLING, RECOMPUTING], ROLLING),
-    ("mark_recompute", [FILLING, ROLLING], NEEDS_RECOMPUTE),
-    ("begin_recompute", NEEDS_RECOMPUTE, RECOMPUTING),
-    ("reset", [EMPTY, FILLING, ROLLING, NEEDS_RECOMPUTE, RECOMPUTING], EMPTY),
+    ("recompute_due", [FILLING, ROLLING], NEEDS_RECOMPUTE),
+    ("recompute_begun", NEEDS_RECOMPUTE, RECOMPUTING),
+    ("cache_reset", [EMPTY, FILLING, ROLLING, NEEDS_RECOMPUTE, RECOMPUTING], EMPTY),
 ]
 
 
@@ -70,15 +70,15 @@ class KVCacheMachine(ProtocolMachine):
         return self.state
 
     def mark_recompute(self) -> str:
-        return self.fire("mark_recompute")
+        return self.fire("recompute_due")
 
     def begin_recompute(self) -> int:
         """The recomputing chunk was planned; returns how many context frames it must carry."""
-        self.fire("begin_recompute")
+        self.fire("recompute_begun")
         return self.context_frames()
 
     def reset(self) -> str:
-        self.fire("reset")
+        self.fire("cache_reset")
         self.cached_frames = 0
         self.timeline_frames = 0
         return self.state
