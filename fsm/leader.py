@@ -1,0 +1,390 @@
+"""The mesh leader's relay (mesh rank 0): warmup, then receive -> validate -> relay -> infer -> reply.
+
+Rules it holds (pp1.md §3, §5):
+- every envelope is validated (``pp1.protocol.preflight.validate_envelope``) before anything is
+  relayed; an invalid one is answered ``ok=False`` (its announced tensors are received and dropped)
+  and NEVER reaches the workers;
+- NOOP is relayed to the workers (their heartbeat) and answered ok; PING is answered ok, not relayed;
+- SHUTDOWN is relayed, answered, then Exit(0);
+- INFER is relayed, the leader runs its shard, the result echoes call_id / chunk_index /
+  cache_epoch and carries the observed generator calls; observed != expected -> ``ok=False``
+  (TRIPWIRE), the mesh stays up and the front hard-cuts;
+- exactly one result per envelope; the next envelope is taken only after ``on_result_sent``.
+
+Warmup (pp1.md §2.8): ``start_warmup()`` drives ``warmup_plan(...)`` chunks through the mesh
+(SendTP + RunShard each), then SendReady with the per-chunk timings.
+
+Under pure TP (no front) the same machine runs on rank 0: SendResult / SendReady are handed to
+the in-process front instead of a channel, and the watchdog is usually off (``watchdog_s=None``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pp1.protocol.errors import RemoteProtocolError
+from pp1.protocol.geometry import ChunkGeometry
+from pp1.protocol.messages import (
+    T_CONDITIONING,
+    T_CONTEXT,
+    T_LATENTS_OUT,
+    T_NOISE,
+    Action,
+    ErrorCode,
+    PPEnvelopeV1,
+    PPResultV1,
+    ReadyV1,
+    TPHeaderV1,
+    relay_header,
+)
+from pp1.protocol.preflight import validate_envelope
+from pp1.protocol.tensors import TensorSpec
+
+from .base import ProtocolMachine
+from .intents import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_ORPHAN,
+    Exit,
+    Intent,
+    RecvTensors,
+    RunShard,
+    SendReady,
+    SendResult,
+    SendTP,
+)
+
+log = logging.getLogger("pp1.fsm.leader")
+
+INIT, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED = (
+    "init", "warming", "idle", "running", "replying", "stopping", "exited", "failed",
+)
+
+STATES = [INIT, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED]
+TRANSITIONS: list[tuple[str, str | list[str], str]] = [
+    # (event, source(s), dest)
+    ("begin_warmup", INIT, WARMING),
+    ("warmup_chunk_done", WARMING, WARMING),  # next warmup chunk: SendTP + RunShard
+    ("warmup_finished", WARMING, IDLE),  # SendReady
+    ("envelope_infer", IDLE, RUNNING),  # RecvTensors, SendTP, RunShard
+    ("envelope_noop", IDLE, REPLYING),  # SendTP(noop) (heartbeat), SendResult(ok)
+    ("envelope_ping", IDLE, REPLYING),  # SendResult(ok), not relayed
+    ("envelope_invalid", IDLE, REPLYING),  # RecvTensors(discard), SendResult(ok=False); never relayed
+    ("envelope_shutdown", IDLE, STOPPING),  # SendTP(shutdown), SendResult(ok)
+    ("shard_done", RUNNING, REPLYING),  # SendResult(ok, or ok=False on a tripwire)
+    ("shard_failed", RUNNING, REPLYING),  # recoverable failure: SendResult(ok=False), mesh intact
+    ("result_sent", REPLYING, IDLE),
+    ("shutdown_sent", STOPPING, EXITED),  # Exit(0)
+    # "fail" (every non-terminal state -> failed) is added by ProtocolMachine: warmup failed,
+    # mesh failed (a shard raised), watchdog expiry. Intents: best-effort SendResult, Exit(1).
+]
+
+# Envelope action -> event, for envelopes that passed validation.
+EVENT_FOR_ACTION: dict[Action, str] = {
+    Action.INFER: "envelope_infer",
+    Action.NOOP: "envelope_noop",
+    Action.PING: "envelope_ping",
+    Action.SHUTDOWN: "envelope_shutdown",
+}
+
+Validate = Callable[[PPEnvelopeV1, ChunkGeometry, "int | None"], object]
+
+
+def expected_calls(header: TPHeaderV1) -> int:
+    """Generator calls a TP header asks for: one per denoising step, plus one for a KV recompute."""
+    return len(header.timesteps) + (1 if header.do_kv_recompute else 0)
+
+
+def warmup_plan(
+    n: int, geometry: ChunkGeometry, timesteps: Sequence[int], recompute_every: int = 1, seed: int = 0
+) -> list[TPHeaderV1]:
+    """The WARMUP headers the leader drives through the mesh at startup: chunk 0 starts an empty
+    KV cache, later chunks recompute every ``recompute_every`` chunks (0 = never) over the frames
+    generated so far (capped by the window), like serving does. call_id / chunk_index = 0..n-1,
+    epoch 0 (a separate sequence from the front's call_ids: the front's first INFER has
+    init_cache=True and starts from an empty cache)."""
+    out = []
+    for i in range(n):
+        recompute = recompute_every > 0 and i > 0 and i % recompute_every == 0
+        tensors = [
+            TensorSpec(name=T_CONDITIONING, dtype=geometry.dtype, shape=geometry.conditioning_shape()),
+            TensorSpec(name=T_NOISE, dtype=geometry.dtype, shape=geometry.noise_shape()),
+        ]
+        if recompute:
+            frames = min(i * geometry.latent_frames, geometry.max_context_frames)
+            tensors.append(TensorSpec(name=T_CONTEXT, dtype=geometry.dtype, shape=geometry.context_shape(frames)))
+        out.append(
+            TPHeaderV1(
+                action=Action.WARMUP,
+                call_id=i,
+                chunk_index=i,
+                cache_epoch=0,
+                init_cache=i == 0,
+                reset_cache=i == 0,
+                do_kv_recompute=recompute,
+                timesteps=tuple(timesteps),
+                seed=seed + i,
+                tensors=tuple(tensors),
+            )
+        )
+    return out
+
+
+class LeaderRelay(ProtocolMachine):
+    """The leader's serving machine. Handlers return the intents to perform, in order.
+
+    ``rank``: global rank; ``geometry``: the chunk geometry envelopes are validated against;
+    ``mesh_size``: M (1 = no workers: nothing is relayed); ``timesteps``, ``warmup_chunks``,
+    ``recompute_every``, ``seed``: what ``start_warmup`` drives; ``fingerprint``: the mesh's
+    shard fingerprint (sent in READY); ``watchdog_s``: no envelope for that long while idle ->
+    orphan exit (None: off); ``validate``: injectable for tests (default: the preflight's).
+    """
+
+    NAME = "leader"
+    STATES = STATES
+    TRANSITIONS = TRANSITIONS
+    INITIAL = INIT
+    TERMINAL = frozenset({EXITED, FAILED})
+
+    def __init__(
+        self,
+        rank: int,
+        geometry: ChunkGeometry,
+        mesh_size: int,
+        *,
+        timesteps: Sequence[int] = (),
+        warmup_chunks: int = 0,
+        recompute_every: int = 1,
+        seed: int = 0,
+        fingerprint: str = "",
+        watchdog_s: float | None = None,
+        now: float = 0.0,
+        validate: Validate | None = None,
+        **ctx: Any,
+    ) -> None:
+        if mesh_size < 1:
+            raise ValueError(f"mesh_size must be >= 1, got {mesh_size}")
+        super().__init__(rank, **ctx)
+        self.geometry = geometry
+        self.mesh_size = mesh_size
+        self.timesteps = tuple(timesteps)
+        self.warmup_chunks = warmup_chunks
+        self.recompute_every = recompute_every
+        self.seed = seed
+        self.fingerprint = fingerprint
+        self.watchdog_s = watchdog_s
+        self.last_activity_at = now
+        self.validate: Validate = validate or self._preflight_validate
+        self.last_call_id: int | None = None  # of the last accepted envelope
+        self.last_cache_epoch: int | None = None  # of the last accepted INFER
+        self.current: PPEnvelopeV1 | None = None  # the INFER envelope in flight
+        self._warmup: list[TPHeaderV1] = []
+        self._warmup_ms: list[float] = []
+        self.results_sent = 0
+
+    # -- warmup -------------------------------------------------------------------------------------
+    def start_warmup(self) -> list[Intent]:
+        """Begin warmup: intents for the first warmup chunk, or SendReady at once when there is none."""
+        self.fire("begin_warmup")
+        self._warmup = warmup_plan(
+            self.warmup_chunks, self.geometry, self.timesteps, self.recompute_every, self.seed
+        )
+        self._warmup_ms = []
+        if not self._warmup:
+            return self._finish_warmup()
+        return self._run_header(self._warmup[0])
+
+    def _finish_warmup(self) -> list[Intent]:
+        self.fire("warmup_finished")
+        ready = ReadyV1(
+            mesh_size=self.mesh_size,
+            warmup_chunks=len(self._warmup_ms),
+            warmup_ms=tuple(self._warmup_ms),
+            fingerprint=self.fingerprint,
+        )
+        log.info("leader rank=%d warmup done: %d chunks %s ms state=%s", self.rank, len(self._warmup_ms),
+                 [round(t, 1) for t in self._warmup_ms], self.state)
+        return [SendReady(ready)]
+
+    def _run_header(self, header: TPHeaderV1) -> list[Intent]:
+        out: list[Intent] = []
+        if self.mesh_size > 1:
+            out.append(SendTP(header))
+        out.append(RunShard(header))
+        return out
+
+    # -- envelopes ----------------------------------------------------------------------------------
+    def on_envelope(self, env: PPEnvelopeV1, now: float | None = None) -> list[Intent]:
+        """An envelope's header arrived from the front (its tensors, if any, not yet received)."""
+        if self.state != IDLE:  # e.g. an envelope while a shard runs: outside the table
+            self.fire("envelope_infer")  # raises InvalidEvent, state untouched
+        if now is not None:
+            self.last_activity_at = now
+        try:
+            event = EVENT_FOR_ACTION.get(env.action)
+            if event is None:
+                raise RemoteProtocolError(
+                    "envelope.action", f"{env.action.value!r} is not an action the front may send", "invalid_action"
+                )
+            self.validate(env, self.geometry, self.last_call_id)
+        except RemoteProtocolError as err:
+            return self._reject(env, err)
+        self.last_call_id = env.call_id
+        self.fire(event)
+        self._log_env(env, "accepted")
+        header = relay_header(env)
+        if event == "envelope_infer":
+            self.current = env
+            self.last_cache_epoch = env.cache_epoch
+            out: list[Intent] = []
+            if env.tensors:
+                out.append(RecvTensors(env.tensors))
+            return out + self._run_header(header)
+        out = [SendTP(header)] if event in ("envelope_noop", "envelope_shutdown") and self.mesh_size > 1 else []
+        out.append(SendResult(self._result(env, ok=True)))
+        return out
+
+    def _reject(self, env: PPEnvelopeV1, err: RemoteProtocolError) -> list[Intent]:
+        self.fire("envelope_invalid")
+        code = ErrorCode.UNSUPPORTED_VERSION if err.code == "unsupported_version" else ErrorCode.INVALID_ENVELOPE
+        message = f"[{err.code}] {err.field}: {err.reason}"
+        self._log_env(env, f"rejected {message}", level=logging.WARNING)
+        out: list[Intent] = []
+        if env.tensors:
+            out.append(RecvTensors(env.tensors, discard=True))
+        out.append(SendResult(self._result(env, ok=False, code=code, message=message)))
+        return out
+
+    # -- the shard ----------------------------------------------------------------------------------
+    def on_shard_done(
+        self,
+        observed_calls: int,
+        current_start_frame: int,
+        timings_ms: dict[str, float] | None = None,
+        now: float | None = None,
+    ) -> list[Intent]:
+        """This rank's shard finished the call (warmup or INFER). Applies the tripwire."""
+        timings = dict(timings_ms or {})
+        if self.state == WARMING:
+            return self._warmup_chunk_done(observed_calls, timings, now)
+        env = self.current
+        self.fire("shard_done")  # InvalidEvent unless running
+        assert env is not None
+        self.current = None
+        expected = env.expected_generator_calls
+        if observed_calls != expected:
+            message = f"tripwire: observed {observed_calls} generator calls, expected {expected}"
+            self._log_env(env, message, level=logging.ERROR)
+            result = self._result(env, ok=False, code=ErrorCode.TRIPWIRE, message=message,
+                                  observed=observed_calls, start_frame=current_start_frame, timings=timings)
+            return [SendResult(result)]
+        result = self._result(env, ok=True, observed=observed_calls, start_frame=current_start_frame,
+                              timings=timings, latents=True)
+        return [SendResult(result)]
+
+    def _warmup_chunk_done(self, observed: int, timings: dict[str, float], now: float | None) -> list[Intent]:
+        i = len(self._warmup_ms)
+        header = self._warmup[i]
+        if observed != expected_calls(header):
+            reason = f"warmup chunk {i}: tripwire: observed {observed} generator calls, expected {expected_calls(header)}"
+            self.fail_with(reason, "local")
+            return [Exit(EXIT_FAILED, reason)]
+        self._warmup_ms.append(float(timings.get("total", sum(timings.values()))))
+        if now is not None:
+            self.last_activity_at = now
+        if len(self._warmup_ms) == len(self._warmup):
+            return self._finish_warmup()
+        self.fire("warmup_chunk_done")
+        return self._run_header(self._warmup[i + 1])
+
+    def on_shard_failed(self, reason: str, recoverable: bool = False) -> list[Intent]:
+        """The shard raised. ``recoverable`` (the adapter knows every mesh rank is still in step,
+        e.g. the call was refused before any collective): answer ok=False and keep serving.
+        Otherwise the mesh is failed: best-effort ok=False (MESH_FAILED) to the front, Exit(1)."""
+        if self.state == WARMING:
+            cause = self.fail_with(f"warmup chunk {len(self._warmup_ms)} failed: {reason}", "local")
+            return [Exit(EXIT_FAILED, cause.reason)]
+        if self.state != RUNNING:
+            self.fire("shard_failed")  # raises InvalidEvent, state untouched
+        env = self.current
+        assert env is not None
+        self.current = None
+        if recoverable:
+            self.fire("shard_failed")
+            self._log_env(env, f"shard failed (recoverable): {reason}", level=logging.ERROR)
+            return [SendResult(self._result(env, ok=False, code=ErrorCode.GENERATOR_FAILED, message=reason))]
+        cause = self.fail_with(f"mesh failed (call_id={env.call_id} chunk_index={env.chunk_index}): {reason}", "local")
+        result = self._result(env, ok=False, code=ErrorCode.MESH_FAILED, message=reason)
+        return [SendResult(result), Exit(EXIT_FAILED, cause.reason)]
+
+    def on_result_sent(self, now: float | None = None) -> list[Intent]:
+        """The result (and its tensors) went out. Back to idle, or Exit(0) after SHUTDOWN."""
+        self.results_sent += 1
+        if now is not None:
+            self.last_activity_at = now
+        if self.state == STOPPING:
+            self.fire("shutdown_sent")
+            return [Exit(EXIT_OK, f"shutdown (call_id={self.last_call_id})")]
+        self.fire("result_sent")  # InvalidEvent unless replying
+        return []
+
+    # -- the watchdog and fatal errors --------------------------------------------------------------
+    def watchdog_deadline(self) -> float:
+        """When ``on_tick`` declares the front gone: only while idle, and only with a watchdog."""
+        if self.watchdog_s is None or self.state != IDLE:
+            return math.inf
+        return self.last_activity_at + self.watchdog_s
+
+    def on_tick(self, now: float) -> list[Intent]:
+        if now >= self.watchdog_deadline():
+            reason = f"orphan: no envelope for {now - self.last_activity_at:.1f} s (watchdog W={self.watchdog_s:g} s)"
+            self.fail_with(reason, "remote")
+            log.error("leader rank=%d state=%s %s", self.rank, self.state, reason)
+            return [Exit(EXIT_ORPHAN, reason)]
+        return []
+
+    def on_fatal(self, reason: str, kind: str = "remote") -> list[Intent]:
+        """A channel broke (peer gone, undecodable frame, timed-out wait): the process is poisoned.
+        Fails the machine and exits; nothing more is sent."""
+        cause = self.fail_with(reason, "local" if kind == "local" else "remote")
+        return [Exit(EXIT_FAILED, cause.reason)]
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _preflight_validate(self, env: PPEnvelopeV1, geometry: ChunkGeometry, last_call_id: int | None) -> None:
+        """The default ``validate``: the preflight's rules, plus the epoch fence of the last INFER."""
+        validate_envelope(env, geometry, last_call_id, last_cache_epoch=self.last_cache_epoch)
+
+    def _result(
+        self,
+        env: PPEnvelopeV1,
+        ok: bool,
+        code: ErrorCode | None = None,
+        message: str = "",
+        observed: int = 0,
+        start_frame: int = 0,
+        timings: dict[str, float] | None = None,
+        latents: bool = False,
+    ) -> PPResultV1:
+        tensors: tuple[TensorSpec, ...] = ()
+        if latents:
+            tensors = (TensorSpec(name=T_LATENTS_OUT, dtype=self.geometry.dtype, shape=self.geometry.latents_shape()),)
+        return PPResultV1(
+            action=env.action,
+            ok=ok,
+            error_code=code,
+            error_message=message,
+            call_id=env.call_id,
+            chunk_index=env.chunk_index,
+            cache_epoch=env.cache_epoch,
+            observed_generator_calls=observed,
+            current_start_frame=start_frame,
+            timings_ms=timings or {},
+            tensors=tensors,
+        )
+
+    def _log_env(self, env: PPEnvelopeV1, what: str, level: int = logging.DEBUG) -> None:
+        log.log(level, "leader rank=%d action=%s call_id=%d chunk_index=%d cache_epoch=%d state=%s %s",
+                self.rank, env.action.value, env.call_id, env.chunk_index, env.cache_epoch, self.state, what)

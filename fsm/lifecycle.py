@@ -1,0 +1,234 @@
+"""The rank lifecycle (pp1.md §2), one machine per role, in the same order on every rank.
+
+Roles: ``front`` (rank 0 under PP1: stage 0 + HTTP), ``leader`` (mesh rank 0), ``worker`` (mesh
+ranks 1..M-1), ``tp_rank0`` (pure TP: mesh leader + front + HTTP in one process). Mesh roles
+check shard fingerprints; the front does not. ``failed`` is reachable from every non-terminal
+state through ``fail_with``; ``shutdown`` and ``failed`` are terminal.
+
+Each state binds to one adapter call (``BINDINGS`` of each class, rendered in specs/diagrams/):
+the adapter runs it, then fires the event named in the table (or ``fail_with`` on error).
+``warmup_done`` means: leader, it drove warmup through the mesh and sent READY; front, READY was
+received; tp_rank0, its in-process leader finished warmup; worker, the first TP header that is
+not WARMUP arrived (``WorkerLoop.serving``; fire it before handling that header).
+``drain`` (SIGTERM / Ctrl-C) is taken in ``serving`` only; a signal in any earlier state fails the
+rank (it is inside a collective). Mesh roles leave ``serving``/``draining`` on SHUTDOWN
+(``shutdown_received``); the front and tp_rank0 leave ``draining`` with ``drained`` after they
+sent SHUTDOWN and got its result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from .base import ProtocolMachine
+
+log = logging.getLogger("pp1.fsm.lifecycle")
+
+(INIT, PARITY, LOADING, VOTING, FINGERPRINT, BARRIER, WARMING_CHANNELS, WARMUP, SERVING, DRAINING, SHUTDOWN,
+ FAILED) = ("init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels", "warmup",
+            "serving", "draining", "shutdown", "failed")
+
+Table = list[tuple[str, "str | list[str]", str]]
+
+# -- tables (event, source(s), dest); "fail" -> failed from every non-terminal state is implied --------
+FRONT_STATES = [INIT, PARITY, LOADING, VOTING, BARRIER, WARMING_CHANNELS, WARMUP, SERVING, DRAINING, SHUTDOWN,
+                FAILED]
+FRONT_TRANSITIONS: Table = [
+    ("start", INIT, PARITY),
+    ("parity_ok", PARITY, LOADING),
+    ("loaded", LOADING, VOTING),
+    ("vote_ok", VOTING, BARRIER),
+    ("barrier_done", BARRIER, WARMING_CHANNELS),
+    ("channels_warm", WARMING_CHANNELS, WARMUP),
+    ("warmup_done", WARMUP, SERVING),  # READY received from the leader
+    ("drain", SERVING, DRAINING),
+    ("drained", DRAINING, SHUTDOWN),  # in-flight chunks done, SHUTDOWN sent and answered
+]
+
+MESH_STATES = [INIT, PARITY, LOADING, VOTING, FINGERPRINT, BARRIER, WARMING_CHANNELS, WARMUP, SERVING, DRAINING,
+               SHUTDOWN, FAILED]
+LEADER_TRANSITIONS: Table = [
+    ("start", INIT, PARITY),
+    ("parity_ok", PARITY, LOADING),
+    ("loaded", LOADING, VOTING),
+    ("vote_ok", VOTING, FINGERPRINT),
+    ("fingerprint_ok", FINGERPRINT, BARRIER),
+    ("barrier_done", BARRIER, WARMING_CHANNELS),
+    ("channels_warm", WARMING_CHANNELS, WARMUP),
+    ("warmup_done", WARMUP, SERVING),  # warmup driven through the mesh, READY sent
+    ("drain", SERVING, DRAINING),  # finish the call in hand, wait for SHUTDOWN
+    ("shutdown_received", [SERVING, DRAINING], SHUTDOWN),  # relayed and answered
+]
+WORKER_TRANSITIONS: Table = [
+    ("start", INIT, PARITY),
+    ("parity_ok", PARITY, LOADING),
+    ("loaded", LOADING, VOTING),
+    ("vote_ok", VOTING, FINGERPRINT),
+    ("fingerprint_ok", FINGERPRINT, BARRIER),
+    ("barrier_done", BARRIER, WARMING_CHANNELS),
+    ("channels_warm", WARMING_CHANNELS, WARMUP),
+    ("warmup_done", WARMUP, SERVING),  # first TP header that is not WARMUP
+    ("drain", SERVING, DRAINING),  # finish the call in hand, wait for SHUTDOWN (watchdog bounds it)
+    ("shutdown_received", [SERVING, DRAINING], SHUTDOWN),
+]
+TP_RANK0_TRANSITIONS: Table = [
+    ("start", INIT, PARITY),
+    ("parity_ok", PARITY, LOADING),
+    ("loaded", LOADING, VOTING),
+    ("vote_ok", VOTING, FINGERPRINT),
+    ("fingerprint_ok", FINGERPRINT, BARRIER),
+    ("barrier_done", BARRIER, WARMING_CHANNELS),
+    ("channels_warm", WARMING_CHANNELS, WARMUP),
+    ("warmup_done", WARMUP, SERVING),  # in-process leader drove warmup; the server reports ready
+    ("drain", SERVING, DRAINING),
+    ("drained", DRAINING, SHUTDOWN),  # in-flight chunks done, SHUTDOWN relayed to the workers
+]
+
+# -- state -> the adapter call it binds to (the collectives, in order; pp1.md §2) --------------------
+_COMMON_BINDINGS: dict[str, str] = {
+    INIT: "init_process_group; new_group for every sub-group in one fixed order on all ranks "
+          "(mesh device + CPU groups, front-leader pair groups)",
+    PARITY: "all_gather_object(run config) over the world CPU group; parity_report() empty -> parity_ok",
+    VOTING: "all_reduce(load_ok, MIN) over the world CPU group; 1 -> vote_ok, 0 -> fail naming rank + cause",
+    BARRIER: "barrier over the world CPU group",
+    SHUTDOWN: "destroy process groups best-effort under a bound; exit 0 (no exit barrier)",
+    FAILED: "log the FailureCause; best-effort cleanup under a bound; exit non-zero",
+}
+FRONT_BINDINGS: dict[str, str] = {
+    **_COMMON_BINDINGS,
+    LOADING: "PipelineFactory.build_stage0 (then loaded, ok or not)",
+    WARMING_CHANNELS: "one PING round trip front<->leader on the PP pair (CPU + device); one op on the world group",
+    WARMUP: "receive ReadyV1 from the leader (the front has no generator)",
+    SERVING: "chunk engine + the one comms thread owning the PP channel (INFER, NOOP every H s)",
+    DRAINING: "stop admitting; finish in-flight chunks under a deadline; send SHUTDOWN, receive its result",
+}
+LEADER_BINDINGS: dict[str, str] = {
+    **_COMMON_BINDINGS,
+    LOADING: "PipelineFactory.build_generator(mesh_rank 0) (then loaded, ok or not)",
+    FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
+    WARMING_CHANNELS: "answer the front's PING on the PP pair; one op on every group (world, mesh CPU, mesh device)",
+    WARMUP: "LeaderRelay.start_warmup(): warmup chunks through the mesh, then SendReady",
+    SERVING: "LeaderRelay loop: receive envelope, validate, relay (TP), run shard, reply",
+    DRAINING: "LeaderRelay loop until SHUTDOWN arrives (finish the call in hand)",
+}
+WORKER_BINDINGS: dict[str, str] = {
+    **_COMMON_BINDINGS,
+    LOADING: "PipelineFactory.build_generator(mesh_rank r) (then loaded, ok or not)",
+    FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
+    WARMING_CHANNELS: "one op on every group it belongs to (world, mesh CPU, mesh device)",
+    WARMUP: "WorkerLoop on WARMUP headers until the first other header",
+    SERVING: "WorkerLoop: receive TP header (timeout = watchdog), receive tensors, run shard",
+    DRAINING: "WorkerLoop until SHUTDOWN (the watchdog bounds the wait)",
+}
+TP_RANK0_BINDINGS: dict[str, str] = {
+    **_COMMON_BINDINGS,
+    LOADING: "build_stage0 and build_generator(mesh_rank 0) (then loaded, ok or not)",
+    FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
+    WARMING_CHANNELS: "one op on every group (world, mesh CPU, mesh device)",
+    WARMUP: "LeaderRelay.start_warmup() in process; SendReady goes to the local server",
+    SERVING: "chunk engine -> in-process LeaderRelay (no PP channel)",
+    DRAINING: "stop admitting; finish in-flight chunks; SHUTDOWN through the LeaderRelay to the workers",
+}
+
+
+class Lifecycle(ProtocolMachine):
+    """Base of the per-role lifecycles. Tracks this rank's load result for the vote."""
+
+    ROLE: ClassVar[str]
+    BINDINGS: ClassVar[dict[str, str]]
+    TERMINAL = frozenset({SHUTDOWN, FAILED})
+    INITIAL = INIT
+
+    def __init__(self, rank: int, **ctx: Any) -> None:
+        super().__init__(rank, **{"role": self.ROLE, **ctx})
+        self.load_ok: bool | None = None
+        self.load_error = ""
+
+    def on_loaded(self, ok: bool, reason: str = "") -> int:
+        """Record this rank's load result and fire ``loaded``; returns the vote to all-reduce
+        (1 or 0). A rank whose load failed still votes, so that no rank waits forever."""
+        self.load_ok, self.load_error = ok, reason
+        self.fire("loaded")
+        if not ok:
+            log.error("%s rank=%d load failed: %s", self.NAME, self.rank, reason)
+        return 1 if ok else 0
+
+    def on_vote(self, min_vote: int, detail: str = "") -> str:
+        """The all-reduced (MIN) vote: 1 -> vote_ok; 0 -> failed (local when this rank's own load
+        failed, remote otherwise). ``detail`` names the ranks and causes, when gathered."""
+        if min_vote >= 1:
+            return self.fire("vote_ok")
+        if self.load_ok is False:
+            self.fail_with(f"load failed: {self.load_error}", "local")
+        else:
+            self.fail_with(f"load vote failed on another rank: {detail or 'cause not gathered'}", "remote")
+        return self.state
+
+
+class FrontLifecycle(Lifecycle):
+    """Lifecycle of the front (rank 0 under PP1): stage 0, HTTP, the PP channel to the leader."""
+
+    NAME = "lifecycle_front"
+    ROLE = "front"
+    STATES = FRONT_STATES
+    TRANSITIONS = FRONT_TRANSITIONS
+    BINDINGS = FRONT_BINDINGS
+
+
+class LeaderLifecycle(Lifecycle):
+    """Lifecycle of the mesh leader (mesh rank 0): relays the front's envelopes to the mesh."""
+
+    NAME = "lifecycle_leader"
+    ROLE = "leader"
+    STATES = MESH_STATES
+    TRANSITIONS = LEADER_TRANSITIONS
+    BINDINGS = LEADER_BINDINGS
+
+
+class WorkerLifecycle(Lifecycle):
+    """Lifecycle of a mesh worker (mesh ranks 1..M-1): loops on the TP channel."""
+
+    NAME = "lifecycle_worker"
+    ROLE = "worker"
+    STATES = MESH_STATES
+    TRANSITIONS = WORKER_TRANSITIONS
+    BINDINGS = WORKER_BINDINGS
+
+
+class TPRank0Lifecycle(Lifecycle):
+    """Lifecycle of rank 0 under pure TP: mesh leader, front and HTTP server in one process."""
+
+    NAME = "lifecycle_tp_rank0"
+    ROLE = "tp_rank0"
+    STATES = MESH_STATES
+    TRANSITIONS = TP_RANK0_TRANSITIONS
+    BINDINGS = TP_RANK0_BINDINGS
+
+
+LIFECYCLES: dict[str, type[Lifecycle]] = {
+    "front": FrontLifecycle,
+    "leader": LeaderLifecycle,
+    "worker": WorkerLifecycle,
+    "tp_rank0": TPRank0Lifecycle,
+}
+
+
+def make_lifecycle(role: str, rank: int, **ctx: Any) -> Lifecycle:
+    """The lifecycle machine of ``role`` ("front", "leader", "worker", "tp_rank0")."""
+    try:
+        cls = LIFECYCLES[role]
+    except KeyError:
+        raise ValueError(f"unknown role {role!r}; expected one of {sorted(LIFECYCLES)}") from None
+    return cls(rank, **ctx)
+
+
+def role_of(rank: int, mesh_global_ranks: tuple[int, ...], front_rank: int | None) -> str:
+    """The role of global ``rank`` for a topology (RunConfig.mesh_global_ranks / front_rank)."""
+    if front_rank is not None and rank == front_rank:
+        return "front"
+    if rank not in mesh_global_ranks:
+        raise ValueError(f"rank {rank} is neither the front ({front_rank}) nor in the mesh {mesh_global_ranks}")
+    if rank == mesh_global_ranks[0]:
+        return "leader" if front_rank is not None else "tp_rank0"
+    return "worker"
