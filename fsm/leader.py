@@ -134,9 +134,10 @@ def warmup_plan(
 
 
 class LeaderRelay(ProtocolMachine):
-    """The leader's serving machine. Handlers return the intents to perform, in order.
+    """The mesh leader's relay (mesh rank 0): drives warmup, then receives each envelope,
+    validates it, relays it to the workers, runs its shard and replies, one result per envelope.
 
-    ``rank``: global rank; ``geometry``: the chunk geometry envelopes are validated against;
+    Handlers return the intents to perform, in order. ``rank``: global rank; ``geometry``: the chunk geometry envelopes are validated against;
     ``mesh_size``: M (1 = no workers: nothing is relayed); ``timesteps``, ``warmup_chunks``,
     ``recompute_every``, ``seed``: what ``start_warmup`` drives; ``fingerprint``: the mesh's
     shard fingerprint (sent in READY); ``watchdog_s``: no envelope for that long while idle ->

@@ -50,8 +50,11 @@ EVENT_FOR_ACTION: dict[Action, str] = {
 
 
 class WorkerLoop(ProtocolMachine):
-    """One mesh worker's serving loop. ``serving`` turns True at the first header that is not
-    WARMUP: the adapter fires the lifecycle's ``warmup_done`` then.
+    """A mesh worker's loop (mesh ranks 1..M-1): runs its shard for each relayed header; NOOP
+    re-arms the watchdog, SHUTDOWN exits 0, no header for W seconds exits as an orphan.
+
+    ``serving`` turns True at the first header that is not WARMUP: the adapter fires the
+    lifecycle's ``warmup_done`` then.
 
     With ``geometry``, every header is validated (``validate_tp_header``; call_ids strictly
     increase within the warmup sequence and within the serving sequence, which restarts at the
