@@ -186,10 +186,11 @@ def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolErro
     """Canonical JSON of a message, checked: serialisable, finite floats, at most MAX_META_BYTES."""
     where = where_of(msg)
     try:
+        # Python mode first: JSON mode would silently turn NaN/Inf into null.
+        bad = _first_non_finite(msg.model_dump(), where)
         obj = msg.model_dump(mode="json")
     except Exception as exc:  # a model_construct'ed message with values pydantic cannot dump
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
-    bad = _first_non_finite(obj, where)
     if bad:
         raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float")
     try:
