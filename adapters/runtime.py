@@ -1,0 +1,326 @@
+"""DistributedRuntime: who this rank is (from torchrun's env and the RunConfig), its process groups,
+and the collective / point-to-point calls, each checked against the group expected for its purpose.
+
+Groups are created in ONE fixed order on every rank (``new_group`` is collective, even for ranks
+outside the group): world CPU, mesh CPU, mesh device, pair CPU, pair device (pair = front and
+leader, PP1 only). CPU groups are gloo; device groups are NCCL on GPUs and gloo on CPU.
+
+Waits that may need a bound take ``timeout_s``. On gloo a timed-out wait closes the pair for good:
+the caller gets :class:`ChannelPoisoned` and must never touch that group again (crash-only exit).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pp1.protocol.config import RunConfig
+from pp1.protocol.errors import LocalProtocolError
+
+log = logging.getLogger("pp1.adapters.runtime")
+
+Role = Literal["front", "leader", "worker"]
+GroupName = Literal["world_cpu", "mesh_cpu", "mesh_dev", "pair_cpu", "pair_dev"]
+
+# purpose -> the only group allowed to carry it
+PURPOSE_GROUP: dict[str, GroupName] = {
+    "parity": "world_cpu",
+    "vote": "world_cpu",
+    "vote_causes": "world_cpu",
+    "barrier": "world_cpu",
+    "warm_world_cpu": "world_cpu",
+    "fingerprint": "mesh_cpu",
+    "tp_header": "mesh_cpu",
+    "warm_mesh_cpu": "mesh_cpu",
+    "tp_tensors": "mesh_dev",
+    "tp_all_reduce": "mesh_dev",
+    "warm_mesh_dev": "mesh_dev",
+    "pp_header": "pair_cpu",
+    "warm_pair_cpu": "pair_cpu",
+    "pp_tensors": "pair_dev",
+    "warm_pair_dev": "pair_dev",
+}
+
+DEFAULT_PG_TIMEOUT_S = 600.0  # startup collectives wait for the slowest loader
+
+
+class PeerLost(RuntimeError):
+    """A collective or p2p op failed (typically: the peer's connection closed, i.e. it died)."""
+
+    def __init__(self, purpose: str, detail: str) -> None:
+        super().__init__(f"{purpose}: {detail}")
+        self.purpose = purpose
+        self.detail = detail
+
+
+class ChannelPoisoned(PeerLost):
+    """A bounded wait timed out: the group's pair is closed for good; crash, never touch it again."""
+
+
+@dataclass
+class Groups:
+    """Process groups of this job; ``None`` where this rank is not a member."""
+
+    world_cpu: Any = None
+    mesh_cpu: Any = None
+    mesh_dev: Any = None
+    pair_cpu: Any = None
+    pair_dev: Any = None
+
+    def name_of(self, group: Any) -> str:
+        for name in ("world_cpu", "mesh_cpu", "mesh_dev", "pair_cpu", "pair_dev"):
+            g = getattr(self, name)
+            if g is not None and g is group:
+                return name
+        return "<unknown group>"
+
+
+def _env_int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    if key not in env:
+        if default is None:
+            raise LocalProtocolError(f"env.{key}", "not set (start this rank through torchrun)", "missing_env")
+        return default
+    try:
+        return int(env[key])
+    except ValueError:
+        raise LocalProtocolError(f"env.{key}", f"not an integer: {env[key]!r}", "bad_env") from None
+
+
+class DistributedRuntime:
+    """This rank's identity and process groups. Build with :meth:`from_env`, then :meth:`init`."""
+
+    def __init__(
+        self, config: RunConfig, rank: int, world_size: int, local_rank: int = 0, device: str = "cpu"
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.mesh_global_ranks: tuple[int, ...] = tuple(config.mesh_global_ranks)
+        self.front_rank: int | None = config.front_rank
+        self.leader_rank: int = config.leader_rank
+        self.mesh_size = len(self.mesh_global_ranks)
+        self._timeout = datetime.timedelta(seconds=DEFAULT_PG_TIMEOUT_S)
+        self.is_mesh_member = rank in self.mesh_global_ranks
+        self.mesh_rank: int | None = self.mesh_global_ranks.index(rank) if self.is_mesh_member else None
+        self.role: Role = "front" if rank == self.front_rank else ("leader" if rank == self.leader_rank else "worker")
+        # Pure TP: rank 0 (the leader) is the front too.
+        self.hosts_front = self.role == "front" or (self.front_rank is None and self.role == "leader")
+        self.device = self._pick_device(device)
+        self.groups = Groups()
+        self.initialised = False
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_env(
+        cls, config: RunConfig, device: str = "cpu", env: Mapping[str, str] | None = None
+    ) -> DistributedRuntime:
+        env = os.environ if env is None else env
+        rank = _env_int(env, "RANK")
+        world = _env_int(env, "WORLD_SIZE")
+        local = _env_int(env, "LOCAL_RANK", default=rank)
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in env:
+                raise LocalProtocolError(f"env.{key}", "not set (start this rank through torchrun)", "missing_env")
+        return cls(config, rank=rank, world_size=world, local_rank=local, device=device)
+
+    def _check_topology(self) -> None:
+        cfg = self.config
+        if self.world_size != cfg.world_size:
+            raise LocalProtocolError(
+                "config.world_size", f"WORLD_SIZE={self.world_size} but the config says {cfg.world_size}", "topology"
+            )
+        mesh = self.mesh_global_ranks
+        if len(set(mesh)) != len(mesh) or not mesh:
+            raise LocalProtocolError("config.mesh_global_ranks", f"{mesh} must be distinct and non-empty", "topology")
+        expected = set(range(self.world_size))
+        covered = set(mesh) | ({self.front_rank} if self.front_rank is not None else set())
+        if covered != expected or (self.front_rank is not None and self.front_rank in mesh):
+            raise LocalProtocolError(
+                "config.mesh_global_ranks",
+                f"front={self.front_rank} + mesh {mesh} must cover ranks 0..{self.world_size - 1} exactly once",
+                "topology",
+            )
+        if cfg.topology == "tp" and mesh[0] != 0:
+            raise LocalProtocolError("config.mesh_global_ranks", "pure TP: rank 0 must lead the mesh", "topology")
+
+    def _pick_device(self, device: str) -> torch.device:
+        if device == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @property
+    def ids(self) -> str:
+        return f"rank={self.rank} role={self.role} mesh_rank={self.mesh_rank}"
+
+    @property
+    def pair_ranks(self) -> tuple[int, int] | None:
+        """(front, leader) under PP1, None under pure TP."""
+        return None if self.front_rank is None else (self.front_rank, self.leader_rank)
+
+    @property
+    def device_backend(self) -> str:
+        return self.config.device_backend
+
+    # -- init and groups ---------------------------------------------------------------------------
+    def init_world(self, timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> Any:
+        """init_process_group and the world CPU group: the only groups that do not depend on the
+        topology, so that parity can run before any topology-dependent ``new_group``."""
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        dev_backend = self.config.device_backend
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        default_backend = "cpu:gloo,cuda:nccl" if dev_backend == "nccl" else dev_backend
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=default_backend, rank=self.rank, world_size=self.world_size, timeout=self._timeout
+            )
+        self.groups.world_cpu = dist.new_group(
+            list(range(self.world_size)), backend=self.config.control_backend, timeout=self._timeout
+        )
+        return self.groups.world_cpu
+
+    def init_groups(self) -> Groups:
+        """Every topology-dependent group, in ONE fixed order on every rank (call after parity:
+        ranks that agree on the config agree on these calls)."""
+        self._check_topology()
+        timeout = self._timeout
+        dev_backend, ctl = self.config.device_backend, self.config.control_backend
+        g = self.groups
+        mesh = list(self.mesh_global_ranks)
+        mesh_cpu = dist.new_group(mesh, backend=ctl, timeout=timeout)
+        mesh_dev = dist.new_group(mesh, backend=dev_backend, timeout=timeout)
+        if self.is_mesh_member:
+            g.mesh_cpu, g.mesh_dev = mesh_cpu, mesh_dev
+        if self.pair_ranks is not None:
+            pair = list(self.pair_ranks)
+            pair_cpu = dist.new_group(pair, backend=ctl, timeout=timeout)
+            pair_dev = dist.new_group(pair, backend=dev_backend, timeout=timeout)
+            if self.rank in pair:
+                g.pair_cpu, g.pair_dev = pair_cpu, pair_dev
+        self.initialised = True
+        log.info("%s groups ready (device backend %s, control %s)", self.ids, dev_backend, ctl)
+        return g
+
+    def init(self, timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> Groups:
+        """init_world + init_groups, for callers that skip parity (tests)."""
+        self.init_world(timeout_s)
+        return self.init_groups()
+
+    # -- group checks ------------------------------------------------------------------------------
+    def check_group(self, group: Any, purpose: str) -> None:
+        """``group`` must be the group this purpose travels on, and this rank must be in it."""
+        expected = PURPOSE_GROUP.get(purpose)
+        if expected is None:
+            raise LocalProtocolError("runtime.purpose", f"unknown purpose {purpose!r}", "unknown_purpose")
+        want = getattr(self.groups, expected)
+        if want is None:
+            raise LocalProtocolError(
+                f"runtime.groups.{expected}", f"{purpose}: this rank ({self.ids}) is not a member", "not_a_member"
+            )
+        if group is not want:
+            raise LocalProtocolError(
+                "runtime.group",
+                f"{purpose} must travel on {expected}, got {self.groups.name_of(group)}",
+                "wrong_group",
+            )
+
+    def is_cpu_group(self, group: Any) -> bool:
+        return group is self.groups.world_cpu or group is self.groups.mesh_cpu or group is self.groups.pair_cpu
+
+    def tensor_device(self, group: Any) -> torch.device:
+        """Where a tensor must live to travel on ``group``."""
+        return torch.device("cpu") if self.is_cpu_group(group) else self.device
+
+    # -- ops ---------------------------------------------------------------------------------------
+    def _wait(self, work: Any, purpose: str, timeout_s: float | None, poisonable: bool) -> None:
+        try:
+            if timeout_s is None:
+                work.wait()
+            else:
+                work.wait(datetime.timedelta(seconds=max(timeout_s, 0.001)))
+        except RuntimeError as exc:
+            text = str(exc)
+            timed_out = "Timed out" in text or "timed out" in text
+            if timed_out and poisonable:
+                raise ChannelPoisoned(purpose, f"no data within {timeout_s:.3f} s: {text[:160]}") from exc
+            raise PeerLost(purpose, text[:300]) from exc
+
+    def all_gather_object(self, obj: Any, group: Any, purpose: str) -> list[Any]:
+        self.check_group(group, purpose)
+        out: list[Any] = [None] * dist.get_world_size(group)
+        try:
+            dist.all_gather_object(out, obj, group=group)
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+        return out
+
+    def all_reduce(
+        self, t: torch.Tensor, op: Any, group: Any, purpose: str, timeout_s: float | None = None
+    ) -> torch.Tensor:
+        self.check_group(group, purpose)
+        try:
+            work = dist.all_reduce(t, op=op, group=group, async_op=True)
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+        self._wait(work, purpose, timeout_s, poisonable=True)
+        return t
+
+    def broadcast(
+        self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None
+    ) -> torch.Tensor:
+        """``src`` is a global rank."""
+        self.check_group(group, purpose)
+        try:
+            work = dist.broadcast(t, src=src, group=group, async_op=True)
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+        self._wait(work, purpose, timeout_s, poisonable=True)
+        return t
+
+    def send(self, t: torch.Tensor, dst: int, group: Any, purpose: str, timeout_s: float | None = None) -> None:
+        """Blocking send to global rank ``dst``."""
+        self.check_group(group, purpose)
+        try:
+            work = dist.isend(t, dst=dst, group=group)
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+        self._wait(work, purpose, timeout_s, poisonable=True)
+
+    def recv(self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None) -> torch.Tensor:
+        """Receive from global rank ``src`` into ``t``; with ``timeout_s`` a timeout poisons the group."""
+        self.check_group(group, purpose)
+        try:
+            work = dist.irecv(t, src=src, group=group)
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+        self._wait(work, purpose, timeout_s, poisonable=True)
+        return t
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def teardown(self, bound_s: float = 3.0) -> bool:
+        """destroy_process_group in a daemon thread, waiting at most ``bound_s``; True when it finished."""
+        if not dist.is_initialized():
+            return True
+        done = threading.Event()
+
+        def _destroy() -> None:
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # best effort
+                log.debug("%s destroy_process_group: %s", self.ids, exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=_destroy, name="pp1-teardown", daemon=True).start()
+        finished = done.wait(bound_s)
+        if not finished:
+            log.warning("%s destroy_process_group still running after %.1f s; leaving it", self.ids, bound_s)
+        return finished

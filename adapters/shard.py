@@ -1,0 +1,66 @@
+"""Running one mesh rank's generator shard: the communicator handed to the model, the ChunkCall
+built from a TP header and its tensors, and the tensors of a WARMUP header (made from its seed,
+identically on every mesh rank)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from pp1.pipelines.interface import ChunkCall, ChunkOutput, Generator
+from pp1.protocol.codec import torch_dtype
+from pp1.protocol.messages import T_CONDITIONING, T_CONTEXT, T_NOISE, TPHeaderV1
+
+from .runtime import DistributedRuntime
+
+
+class MeshCommunicator:
+    """The generator's only collective: a sum all-reduce over the mesh device group."""
+
+    def __init__(self, rt: DistributedRuntime) -> None:
+        assert rt.mesh_rank is not None
+        self.rt = rt
+        self.rank = rt.mesh_rank
+        self.size = rt.mesh_size
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> None:
+        if self.size == 1:
+            return
+        self.rt.all_reduce(t, dist.ReduceOp.SUM, group=self.rt.groups.mesh_dev, purpose="tp_all_reduce")
+
+
+def warmup_tensors(header: TPHeaderV1, device: torch.device) -> list[torch.Tensor]:
+    """The tensors a WARMUP header announces, drawn from ``header.seed`` (same on every rank)."""
+    g = torch.Generator().manual_seed(int(header.seed))
+    return [
+        torch.randn(tuple(s.shape), generator=g, dtype=torch.float32).to(torch_dtype(s.dtype)).to(device)
+        for s in header.tensors
+    ]
+
+
+def chunk_call(header: TPHeaderV1, tensors: Sequence[torch.Tensor]) -> ChunkCall:
+    named = dict(zip(header.tensor_names(), tensors, strict=True))
+    return ChunkCall(
+        call_id=header.call_id,
+        chunk_index=header.chunk_index,
+        cache_epoch=header.cache_epoch,
+        init_cache=header.init_cache,
+        reset_cache=header.reset_cache,
+        do_kv_recompute=header.do_kv_recompute,
+        timesteps=tuple(header.timesteps),
+        seed=header.seed,
+        conditioning=named[T_CONDITIONING],
+        noise=named[T_NOISE],
+        context_frames=named.get(T_CONTEXT),
+    )
+
+
+def run_shard(generator: Generator, header: TPHeaderV1, tensors: Sequence[torch.Tensor]) -> tuple[ChunkOutput, float]:
+    """Run the call; returns the output and the wall time in ms (synchronised on GPUs)."""
+    t0 = time.perf_counter()
+    out = generator.run(chunk_call(header, tensors))
+    if out.latents.is_cuda:
+        torch.cuda.synchronize(out.latents.device)
+    return out, (time.perf_counter() - t0) * 1000

@@ -1,0 +1,118 @@
+"""How one encoded message travels: the fixed-size frame header and the metadata on a CPU (gloo)
+group, then the announced tensors on the device group, in order. Point-to-point (PP channel) or
+broadcast (TP channel). No protocol decisions here: the channels and the machines make them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pp1.protocol.codec import HEADER_SIZE, FrameHeader, Frames, alloc_tensors, decode_header, decode_meta
+from pp1.protocol.errors import RemoteProtocolError
+from pp1.protocol.messages import Message
+from pp1.protocol.tensors import TensorSpec
+
+from .runtime import DistributedRuntime
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a channel's frames travel: the CPU group for control, the device group for tensors."""
+
+    cpu_group: Any
+    dev_group: Any
+    cpu_purpose: str
+    dev_purpose: str
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+
+
+def _send_control(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None) -> None:
+    for part in (frames.header, frames.meta):
+        t = _bytes_tensor(part)
+        if dst is None:
+            rt.broadcast(t, src=rt.rank, group=route.cpu_group, purpose=route.cpu_purpose)
+        else:
+            rt.send(t, dst=dst, group=route.cpu_group, purpose=route.cpu_purpose)
+
+
+def _send_tensors(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None) -> None:
+    dev = rt.tensor_device(route.dev_group)
+    for t in frames.tensors:
+        t = t.to(dev).contiguous()
+        if dst is None:
+            rt.broadcast(t, src=rt.rank, group=route.dev_group, purpose=route.dev_purpose)
+        else:
+            rt.send(t, dst=dst, group=route.dev_group, purpose=route.dev_purpose)
+
+
+def send_p2p(rt: DistributedRuntime, frames: Frames, route: Route, dst: int) -> None:
+    """Header, meta (CPU group), then tensors (device group) to ``dst``."""
+    _send_control(rt, frames, route, dst)
+    _send_tensors(rt, frames, route, dst)
+
+
+def send_broadcast(rt: DistributedRuntime, frames: Frames, route: Route) -> None:
+    """Header, meta (CPU group), then tensors (device group) from this rank to the whole group."""
+    _send_control(rt, frames, route, None)
+    _send_tensors(rt, frames, route, None)
+
+
+def _recv_into(
+    rt: DistributedRuntime, t: torch.Tensor, src: int, group: Any, purpose: str, p2p: bool, timeout_s: float | None
+) -> torch.Tensor:
+    if p2p:
+        return rt.recv(t, src=src, group=group, purpose=purpose, timeout_s=timeout_s)
+    return rt.broadcast(t, src=src, group=group, purpose=purpose, timeout_s=timeout_s)
+
+
+def recv_control(
+    rt: DistributedRuntime,
+    route: Route,
+    src: int,
+    p2p: bool,
+    header_timeout_s: float | None,
+    meta_timeout_s: float | None = None,
+) -> tuple[FrameHeader, Message]:
+    """Wait for the next frame header (bounded by ``header_timeout_s``), then its metadata.
+
+    A header or metadata that does not decode raises RemoteProtocolError: the stream is out of step
+    (the count of tensors that follow is unknown), so the caller must treat the channel as poisoned.
+    """
+    hbuf = torch.empty(HEADER_SIZE, dtype=torch.uint8)
+    _recv_into(rt, hbuf, src, route.cpu_group, route.cpu_purpose, p2p, header_timeout_s)
+    header = decode_header(hbuf.numpy().tobytes())
+    mbuf = torch.empty(header.meta_len, dtype=torch.uint8)
+    if header.meta_len:
+        mt = header_timeout_s if meta_timeout_s is None else meta_timeout_s
+        _recv_into(rt, mbuf, src, route.cpu_group, route.cpu_purpose, p2p, mt)
+    msg = decode_meta(header, mbuf.numpy().tobytes())
+    return header, msg
+
+
+def recv_tensors(
+    rt: DistributedRuntime,
+    specs: Sequence[TensorSpec],
+    route: Route,
+    src: int,
+    p2p: bool,
+    timeout_s: float | None,
+) -> list[torch.Tensor]:
+    """Receive the tensors a header announced, in order. ``timeout_s`` applies on gloo device groups
+    only: a timed-out NCCL wait aborts the communicator, and a header already committed the peer."""
+    dev = rt.tensor_device(route.dev_group)
+    bufs = alloc_tensors(specs, device=dev)
+    bounded = timeout_s if dev.type == "cpu" else None
+    for t in bufs:
+        _recv_into(rt, t, src, route.dev_group, route.dev_purpose, p2p, bounded)
+    return bufs
+
+
+def expect_kind(msg: Message, kind: type, where: str) -> None:
+    if not isinstance(msg, kind):
+        raise RemoteProtocolError(where, f"expected {kind.__name__}, got {type(msg).__name__}", "unexpected_kind")
