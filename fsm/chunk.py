@@ -34,7 +34,8 @@ Rules the machine holds:
 - Recompute every K chunks (``recompute_every``): chunk p of an epoch recomputes iff K > 0,
   p > 0 and p % K == 0 (never the first chunk of an epoch; K=0 never).
 - A result must match what was sent (action, call_id, chunk_index, cache_epoch) and, when ok,
-  observed generator calls == expected; else FAIL with a RemoteProtocolError (code "tripwire").
+  observed generator calls == expected; else FAIL with a RemoteProtocolError (codes "id_mismatch",
+  "tripwire_calls": ``pp1.protocol.preflight.check_result_matches``).
 - ok=False: drop it, hard cut, RETRY; a second failure in a row (no ok chunk between) -> FAIL.
   MESH_FAILED / UNSUPPORTED_VERSION fail at once (a retry cannot help).
 - Deadline: max(deadline_factor x rolling p99 of INFER round trips, deadline_floor_s).
@@ -52,6 +53,7 @@ from typing import Any, ClassVar, Literal
 
 from pp1.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pp1.protocol.messages import Action, ErrorCode, PPEnvelopeV1, PPResultV1
+from pp1.protocol.preflight import check_result_matches
 from pp1.protocol.tensors import TensorSpec
 
 from .base import FAILED, FailureCause, InvalidEvent, ProtocolMachine
@@ -415,7 +417,7 @@ class ChunkMachine(ProtocolMachine):
         out = self._out
         if out is None or out.sent_at is None:
             err = RemoteProtocolError("result.call_id", f"unsolicited result call_id={result.call_id} "
-                                      f"in state {self.state} (nothing in flight)", "tripwire")
+                                      f"in state {self.state} (nothing in flight)", "unsolicited_result")
             return self._fail(err, result, None)
         plan, sent_at = out.plan, out.sent_at
         err = self._tripwire(plan, result)
@@ -534,19 +536,12 @@ class ChunkMachine(ProtocolMachine):
         return self._decide(Verdict.RETRY, plan, result, rtt)
 
     def _tripwire(self, plan: ChunkPlan, result: PPResultV1) -> RemoteProtocolError | None:
-        for name, sent, got in (
-            ("action", plan.action, result.action),
-            ("call_id", plan.call_id, result.call_id),
-            ("chunk_index", plan.chunk_index, result.chunk_index),
-            ("cache_epoch", plan.cache_epoch, result.cache_epoch),
-        ):
-            if sent != got:
-                return RemoteProtocolError(f"result.{name}", f"sent {sent!r}, result says {got!r}", "tripwire")
-        calls_ok = result.observed_generator_calls == plan.expected_generator_calls
-        if result.ok and plan.action is Action.INFER and not calls_ok:
-            return RemoteProtocolError(
-                "result.observed_generator_calls",
-                f"expected {plan.expected_generator_calls}, observed {result.observed_generator_calls}", "tripwire")
+        """The front's tripwires (shared with the protocol's rules): the ids match what was sent
+        and, when ok, observed generator calls == expected."""
+        try:
+            check_result_matches(result, envelope_from_plan(plan), RemoteProtocolError)
+        except RemoteProtocolError as err:
+            return err
         return None
 
     def _fail(self, err: ProtocolError, result: PPResultV1 | None, plan: ChunkPlan | None,

@@ -214,7 +214,8 @@ def test_tripwires(field: str, value: object) -> None:
     plan = send(m)
     d = m.on_result(answer(plan, **{field: value}), 0.1)
     assert d.verdict is Verdict.FAIL and m.state == "failed" and m.kv.state == "failed"
-    assert isinstance(d.error, RemoteProtocolError) and d.error.code == "tripwire"
+    assert isinstance(d.error, RemoteProtocolError)
+    assert d.error.code == ("tripwire_calls" if field == "observed_generator_calls" else "id_mismatch")
     assert d.error.field == f"result.{field}"
     assert d.cause is not None and d.cause.kind == "remote" and d.cause.phase == "in_flight"
 
