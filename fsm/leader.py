@@ -228,7 +228,7 @@ class LeaderRelay(ProtocolMachine):
             event = EVENT_FOR_ACTION.get(env.action)
             if event is None:
                 raise RemoteProtocolError(
-                    "envelope.action", f"{env.action.value!r} is not an action the front may send", "invalid_action"
+                    "envelope.action", f"{env.action.value!r} is not an action the front may send", "bad_action"
                 )
             self.validate(env, self.geometry, self.last_call_id)
         except RemoteProtocolError as err:
@@ -372,8 +372,10 @@ class LeaderRelay(ProtocolMachine):
         tensors: tuple[TensorSpec, ...] = ()
         if latents:
             tensors = (TensorSpec(name=T_LATENTS_OUT, dtype=self.geometry.dtype, shape=self.geometry.latents_shape()),)
+        # A result must carry an envelope action: the answer to a WARMUP/READY envelope says NOOP.
+        action = env.action if env.action in EVENT_FOR_ACTION else Action.NOOP
         return PPResultV1(
-            action=env.action,
+            action=action,
             ok=ok,
             error_code=code,
             error_message=message,
