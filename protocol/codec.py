@@ -56,6 +56,33 @@ WHERE: dict[MessageKind, str] = {
 
 assert HEADER_SIZE == 32
 
+# Every code the codec raises, with what it means (the preflight's are in preflight.CODES).
+CODEC_CODES: dict[str, str] = {
+    "bad_message": "encode: not one of the four message types",
+    "not_serialisable": "encode: metadata cannot be dumped as JSON",
+    "non_finite_float": "a float field is NaN or Inf (JSON cannot carry it)",
+    "meta_too_large": "metadata longer than MAX_META_BYTES (encode, or the header's meta_len)",
+    "too_many_tensors": "more than MAX_TENSORS tensors announced",
+    "payload_too_large": "announced tensor bytes exceed MAX_PAYLOAD_BYTES",
+    "tensor_count_mismatch": "tensors given / announced / counted in the header disagree",
+    "not_a_tensor": "encode: a tensor argument is not a torch.Tensor",
+    "bad_dtype": "a tensor's dtype is not its spec's",
+    "bad_shape": "a tensor's shape is not its spec's",
+    "bad_header_size": "decode: header is not HEADER_SIZE bytes",
+    "bad_magic": "decode: header does not start with MAGIC",
+    "unsupported_version": "decode: header or metadata version is not PROTOCOL_VERSION",
+    "bad_reserved": "decode: reserved header bytes are not zero",
+    "unknown_kind": "decode: header kind is not a MessageKind",
+    "short_meta": "decode: fewer metadata bytes than the header announced",
+    "long_meta": "decode: more metadata bytes than the header announced",
+    "crc_mismatch": "decode: crc32 of the metadata differs from the header's",
+    "bad_json": "decode: metadata is not a UTF-8 JSON object with finite numbers",
+    "missing_field": "decode: a required field is absent",
+    "unknown_field": "decode: a field the message type does not have",
+    "invalid_field": "decode: a field fails the message type's validation",
+    "non_canonical_meta": "decode: metadata is not the canonical encoding of the message it parses to",
+}
+
 
 @dataclass(frozen=True)
 class FrameHeader:
