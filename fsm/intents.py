@@ -37,8 +37,8 @@ class RecvTensors(Intent):
 @dataclass(frozen=True)
 class SendTP(Intent):
     """Leader: send ``header`` to every worker on the TP control channel, then the tensors it
-    announces on the device channel: the ones just received from the front, or, for a WARMUP
-    header, tensors of the announced specs made from ``header.seed`` (warmup is not about values)."""
+    announces (the ones just received from the front) on the device channel. A WARMUP header
+    travels alone: every mesh rank makes its tensors from ``header.seed``."""
 
     header: TPHeaderV1
 
@@ -46,9 +46,8 @@ class SendTP(Intent):
 @dataclass(frozen=True)
 class RunShard(Intent):
     """Run this rank's generator shard for the call described by ``header`` (its tensors were
-    received just before; for a WARMUP header the leader's adapter makes them, deterministically
-    from ``header.seed``, when it performs ``SendTP``). Report back with ``on_shard_done`` /
-    ``on_shard_failed``."""
+    received just before; for a WARMUP header, made from ``header.seed``, the same on every mesh
+    rank). Report back with ``on_shard_done`` / ``on_shard_failed``."""
 
     header: TPHeaderV1
 

@@ -141,7 +141,8 @@ class LeaderRelay(ProtocolMachine):
     ``mesh_size``: M (1 = no workers: nothing is relayed); ``timesteps``, ``warmup_chunks``,
     ``recompute_every``, ``seed``: what ``start_warmup`` drives; ``fingerprint``: the mesh's
     shard fingerprint (sent in READY); ``watchdog_s``: no envelope for that long while idle ->
-    orphan exit (None: off); ``validate``: injectable for tests (default: the preflight's).
+    orphan exit (None: off); ``validate``: injectable for tests (default: the preflight's);
+    ``last_call_id``: the id of an envelope handled before this machine (the startup PING), if any.
     """
 
     NAME = "leader"
@@ -164,6 +165,7 @@ class LeaderRelay(ProtocolMachine):
         watchdog_s: float | None = None,
         now: float = 0.0,
         validate: Validate | None = None,
+        last_call_id: int | None = None,
         **ctx: Any,
     ) -> None:
         if mesh_size < 1:
@@ -179,7 +181,7 @@ class LeaderRelay(ProtocolMachine):
         self.watchdog_s = watchdog_s
         self.last_activity_at = now
         self.validate: Validate = validate or self._preflight_validate
-        self.last_call_id: int | None = None  # of the last accepted envelope
+        self.last_call_id = last_call_id  # of the last accepted envelope (e.g. the startup PING's)
         self.last_cache_epoch: int | None = None  # of the last accepted INFER
         self.current: PPEnvelopeV1 | None = None  # the INFER envelope in flight
         self._warmup: list[TPHeaderV1] = []

@@ -87,18 +87,18 @@ TP_RANK0_TRANSITIONS: Table = [
 
 # -- state -> the adapter call it binds to (the collectives, in order; pp1.md §2) --------------------
 _COMMON_BINDINGS: dict[str, str] = {
-    INIT: "init_process_group; new_group for every sub-group in one fixed order on all ranks "
-          "(mesh device + CPU groups, front-leader pair groups)",
-    PARITY: "all_gather_object(run config) over the world CPU group; parity_report() empty -> parity_ok",
+    INIT: "init_process_group and the world CPU group (only groups every rank has whatever its config)",
+    PARITY: "all_gather_object(run config) over the world CPU group; parity_report() empty -> then the "
+            "topology's sub-groups (mesh CPU + device, front-leader pair), one fixed order -> parity_ok",
     VOTING: "all_reduce(load_ok, MIN) over the world CPU group; 1 -> vote_ok, 0 -> fail naming rank + cause",
-    BARRIER: "barrier over the world CPU group",
+    BARRIER: "all_reduce(fingerprint verdict, MIN) over the world CPU group (the barrier)",
     SHUTDOWN: "destroy process groups best-effort under a bound; exit 0 (no exit barrier)",
     FAILED: "log the FailureCause; best-effort cleanup under a bound; exit non-zero",
 }
 FRONT_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "PipelineFactory.build_stage0 (then loaded, ok or not)",
-    WARMING_CHANNELS: "one PING round trip front<->leader on the PP pair (CPU + device); one op on the world group",
+    WARMING_CHANNELS: "one PING round trip front<->leader on the PP pair (CPU group + device group)",
     WARMUP: "receive ReadyV1 from the leader (the front has no generator)",
     SERVING: "chunk engine + the one comms thread owning the PP channel (INFER, NOOP every H s)",
     DRAINING: "stop admitting; finish in-flight chunks under a deadline; send SHUTDOWN, receive its result",
@@ -107,7 +107,8 @@ LEADER_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "PipelineFactory.build_generator(mesh_rank 0) (then loaded, ok or not)",
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
-    WARMING_CHANNELS: "answer the front's PING on the PP pair; one op on every group (world, mesh CPU, mesh device)",
+    WARMING_CHANNELS: "answer the front's PING on the PP pair; PING header on the mesh CPU group; "
+                      "all_reduce on the mesh device group",
     WARMUP: "LeaderRelay.start_warmup(): warmup chunks through the mesh, then SendReady",
     SERVING: "LeaderRelay loop: receive envelope, validate, relay (TP), run shard, reply",
     DRAINING: "LeaderRelay loop until SHUTDOWN arrives (finish the call in hand)",
@@ -116,7 +117,7 @@ WORKER_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "PipelineFactory.build_generator(mesh_rank r) (then loaded, ok or not)",
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
-    WARMING_CHANNELS: "one op on every group it belongs to (world, mesh CPU, mesh device)",
+    WARMING_CHANNELS: "receive the leader's PING header (mesh CPU group); all_reduce on the mesh device group",
     WARMUP: "WorkerLoop on WARMUP headers until the first other header",
     SERVING: "WorkerLoop: receive TP header (timeout = watchdog), receive tensors, run shard",
     DRAINING: "WorkerLoop until SHUTDOWN (the watchdog bounds the wait)",
@@ -125,7 +126,7 @@ TP_RANK0_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "build_stage0 and build_generator(mesh_rank 0) (then loaded, ok or not)",
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
-    WARMING_CHANNELS: "one op on every group (world, mesh CPU, mesh device)",
+    WARMING_CHANNELS: "PING header on the mesh CPU group; all_reduce on the mesh device group",
     WARMUP: "LeaderRelay.start_warmup() in process; SendReady goes to the local server",
     SERVING: "chunk engine -> in-process LeaderRelay (no PP channel)",
     DRAINING: "stop admitting; finish in-flight chunks; SHUTDOWN through the LeaderRelay to the workers",

@@ -1,7 +1,9 @@
 """The mesh worker's loop (mesh ranks 1..M-1) and its watchdog.
 
 waiting --header(INFER|WARMUP)--> running --shard_done--> waiting; NOOP (heartbeat) keeps it
-waiting and re-arms the watchdog; SHUTDOWN -> exited (Exit 0). In ``waiting``, no header for
+waiting and re-arms the watchdog; SHUTDOWN -> exited (Exit 0). WARMUP tensors do not travel:
+every mesh rank makes them from ``header.seed``. The startup PING on the TP channel belongs to
+``warming_channels`` (the channel adapter), not to this loop: a PING here fails the rank. In ``waiting``, no header for
 ``watchdog_s`` seconds (W > 3H) -> failed, Exit(EXIT_ORPHAN): the leader or the front is gone.
 The watchdog is not armed while a shard runs (a collective that never returns is bounded by
 the process-group timeout, not by this loop).
@@ -133,7 +135,7 @@ class WorkerLoop(ProtocolMachine):
             return [Exit(EXIT_OK, f"shutdown (call_id={header.call_id})")]
         self.current = header
         out: list[Intent] = []
-        if header.tensors:
+        if header.tensors and header.action != Action.WARMUP:  # WARMUP tensors are made from the seed
             out.append(RecvTensors(header.tensors))
         out.append(RunShard(header))
         return out

@@ -339,3 +339,9 @@ def test_watchdog_orphan_exit_only_while_idle() -> None:
     (ex,) = r.on_tick(105.0)
     assert ex.code == EXIT_ORPHAN and ex.reason.startswith("orphan: no envelope for 5.0 s")
     assert r.state == "failed" and r.failure is not None and r.failure.kind == "remote"
+
+
+def test_last_call_id_of_the_startup_ping() -> None:
+    r = serving(last_call_id=0)
+    _assert_rejected(r, infer(0), "call_id_not_increasing")
+    assert r.on_envelope(infer(1))[-1].header.call_id == 1

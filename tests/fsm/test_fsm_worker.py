@@ -26,7 +26,7 @@ def tp(action: Action, call_id: int) -> TPHeaderV1:
 def test_normal_run_warmup_infer_noop_shutdown() -> None:
     w = worker()
     for h in warmup_plan(2, GEOMETRY, TIMESTEPS):
-        assert w.on_header(h, now=0.5) == [RecvTensors(h.tensors), RunShard(h)]
+        assert w.on_header(h, now=0.5) == [RunShard(h)]  # WARMUP tensors are made from the seed
         assert w.state == "running" and not w.serving
         assert w.on_shard_done(now=1.0) == []
         assert w.state == "waiting"
