@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any
 
 from transitions.extensions.diagrams import GraphMachine
@@ -77,7 +78,8 @@ def mermaid(cls: type[ProtocolMachine]) -> str:
     lines = graph.get_graph(title=cls.NAME).source.splitlines()
     if lines and lines[0] == "---":  # drop the front-matter title: the page has its own heading
         lines = lines[lines.index("---", 1) + 1 :]
-    lines = [line.rstrip() for line in lines]
+    # Mermaid documents the style statement in lower case ("class <state> <classDef>").
+    lines = [re.sub(r"^(\s*)Class ", r"\1class ", line.rstrip()) for line in lines]
     lines += [f"  {s} --> [*]" for s in cls.STATES if s in cls.TERMINAL]
     return "\n".join(lines) + "\n"
 

@@ -284,6 +284,7 @@ class LeaderRelay(ProtocolMachine):
             result = self._result(env, ok=False, code=ErrorCode.TRIPWIRE, message=message,
                                   observed=observed_calls, start_frame=current_start_frame, timings=timings)
             return [SendResult(result)]
+        self._log_env(env, f"shard done: {observed_calls} generator calls, start frame {current_start_frame}")
         result = self._result(env, ok=True, observed=observed_calls, start_frame=current_start_frame,
                               timings=timings, latents=True)
         return [SendResult(result)]
@@ -332,6 +333,7 @@ class LeaderRelay(ProtocolMachine):
             self.fire("shutdown_sent")
             return [Exit(EXIT_OK, f"shutdown (call_id={self.last_call_id})")]
         self.fire("result_sent")  # InvalidEvent unless replying
+        log.debug("leader rank=%d result sent (last call_id=%s) state=%s", self.rank, self.last_call_id, self.state)
         return []
 
     # -- the watchdog and fatal errors --------------------------------------------------------------
