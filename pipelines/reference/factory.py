@@ -1,0 +1,45 @@
+"""The reference pipeline's ``PipelineFactory`` (``pp1.pipelines.reference:factory``)."""
+
+from __future__ import annotations
+
+import torch
+from pp1.protocol.geometry import ChunkGeometry
+
+from ..comm import Communicator
+from ..interface import PipelineFactory
+from .generator import ReferenceGenerator
+from .presets import PRESETS, get_preset
+from .stage0 import ReferenceStage0
+
+
+class ReferenceFactory:
+    """Random-but-seeded Wan 2.1 / Krea-shaped causal DiT; presets: ``tiny``, ``wan-1.3b-shape``,
+    ``krea-14b-shape``."""
+
+    name = "reference"
+    presets = tuple(PRESETS)
+
+    def geometry(self, preset: str) -> ChunkGeometry:
+        return get_preset(preset).geometry()
+
+    def timesteps(self, preset: str) -> tuple[int, ...]:
+        return get_preset(preset).timesteps
+
+    def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> ReferenceStage0:
+        return ReferenceStage0(get_preset(preset), torch.device(device), dtype)
+
+    def build_generator(
+        self,
+        preset: str,
+        mesh_rank: int,
+        mesh_size: int,
+        comm: Communicator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> ReferenceGenerator:
+        return ReferenceGenerator(get_preset(preset), mesh_rank, mesh_size, comm, torch.device(device), dtype)
+
+
+def factory() -> PipelineFactory:
+    """Entry point for ``--pipeline pp1.pipelines.reference:factory``."""
+    return ReferenceFactory()

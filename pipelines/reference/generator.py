@@ -1,0 +1,155 @@
+"""The reference generator: one tensor-parallel shard of the causal DiT with its rolling KV cache.
+
+One call (one chunk of ``T`` latent frames at timeline frames ``[k*T, (k+1)*T)``, ``k`` = chunk_index):
+
+1. ``init_cache`` or ``reset_cache``: empty the KV cache.
+2. ``do_kv_recompute`` (1 generator call): empty the cache, run the context latents (taken to be
+   the ``Tctx`` frames just before the chunk, positions ``[k*T - Tctx, k*T)``) through the model at
+   t=0 and keep their K/V as the new cache.
+3. Denoise (1 generator call per timestep): flow matching, x0 = x_t - sigma(t) * v; between steps the
+   x0 estimate is re-noised to the next level with noise seeded by (seed, chunk_index, step).
+   Every step attends to the cached window plus the chunk itself.
+4. Commit: the K/V of the LAST denoising step (computed from x at the last timestep) stay in the
+   cache; the window keeps the newest ``kv_window_frames`` frames. No extra clean pass is run, so
+   generator calls = steps + (1 if recompute).
+
+A call that is not an epoch start (no init/reset) and not a recompute must continue the cache:
+its chunk must start where the cache ends, in the same epoch; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..comm import Communicator
+from ..contract import InvalidChunkCall, check_call
+from ..interface import ChunkCall, ChunkOutput
+from .model import CausalDiTShard, flow_sigma
+from .presets import ReferenceConfig
+from .sharding import ShardPlan
+from .weights import mix_seed, seeded_randn
+
+
+class ReferenceGenerator:
+    def __init__(
+        self,
+        cfg: ReferenceConfig,
+        mesh_rank: int,
+        mesh_size: int,
+        comm: Communicator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        if comm.size != mesh_size or comm.rank != mesh_rank:
+            raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
+        self.cfg = cfg
+        self.geometry = cfg.geometry()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)
+        if self.plan.local_heads < 1 or self.plan.local_ffn < 1:
+            raise ValueError(f"{cfg.name}: mesh of {mesh_size} is larger than {cfg.num_heads} heads")
+        with torch.inference_mode():
+            self.model = CausalDiTShard(cfg, self.plan, comm, self.device, dtype)
+        self._fingerprint = (
+            f"reference/{cfg.name}/seed{cfg.weight_seed}/tp{mesh_size}/{str(dtype).removeprefix('torch.')}"
+            f"/{self.device.type}/{self.model.full_digest}"
+        )
+        self._epoch: int | None = None
+        self._text_src: torch.Tensor | None = None
+        self._text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # --- Generator interface ----------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Digest of the FULL model this shard is cut from (same on every rank of a consistent mesh)."""
+        return self._fingerprint
+
+    def shard_digest(self) -> str:
+        """Digest of this rank's own weights (differs per rank; for logs)."""
+        return self.model.shard_digest
+
+    def reset(self) -> None:
+        self.model.cache.reset()
+        self._epoch = None
+
+    def run(self, call: ChunkCall) -> ChunkOutput:
+        check_call(call, self.geometry)
+        self._check_continuity(call)
+        with torch.inference_mode():
+            return self._run(call)
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _check_continuity(self, call: ChunkCall) -> None:
+        cache = self.model.cache
+        start = call.chunk_index * self.geometry.latent_frames
+        if call.init_cache or call.reset_cache or call.do_kv_recompute:
+            return
+        if cache.empty:
+            raise InvalidChunkCall("call", f"chunk {call.chunk_index} (call {call.call_id}): the KV cache is empty "
+                                   "but neither init_cache, reset_cache nor do_kv_recompute is set", "cache_empty")
+        if call.cache_epoch != self._epoch:
+            raise InvalidChunkCall("call.cache_epoch", f"epoch {call.cache_epoch} but the cache holds epoch "
+                                   f"{self._epoch}; a new epoch needs init_cache or reset_cache", "epoch_mismatch")
+        if start != cache.end_frame:
+            raise InvalidChunkCall("call.chunk_index", f"chunk {call.chunk_index} starts at latent frame {start} "
+                                   f"but the cache ends at {cache.end_frame}", "not_contiguous")
+
+    def _text(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cond = conditioning.to(self.device, torch.float32)
+        if self._text_kv is None or self._text_src is None or not torch.equal(cond, self._text_src):
+            self._text_kv = self.model.embed_text(cond)
+            self._text_src = cond.clone()
+        return self._text_kv
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _run(self, call: ChunkCall) -> ChunkOutput:
+        cfg, model, cache = self.cfg, self.model, self.model.cache
+        t_lat = self.geometry.latent_frames
+        start = call.chunk_index * t_lat
+        t0 = self._sync()
+        calls0 = model.forward_calls
+        if call.init_cache or call.reset_cache:
+            cache.reset()
+        self._epoch = call.cache_epoch
+        text_kv = self._text(call.conditioning)
+        t1 = self._sync()
+        if call.do_kv_recompute:
+            ctx = call.context_frames
+            assert ctx is not None  # check_call
+            n = ctx.shape[1]
+            cache.reset()
+            model.forward(ctx.to(self.device, torch.float32), 0.0, start - n, text_kv)
+            cache.commit(n, start)
+        t2 = self._sync()
+        x = call.noise.to(self.device, torch.float32)
+        steps = call.timesteps
+        x0 = x
+        for i, t in enumerate(steps):
+            sigma = flow_sigma(float(t), cfg.flow_shift)
+            v = model.forward(x, float(t), start, text_kv)
+            x0 = x - sigma * v
+            if i + 1 < len(steps):
+                nxt = flow_sigma(float(steps[i + 1]), cfg.flow_shift)
+                eps = seeded_randn(x.shape, mix_seed("renoise", call.seed, call.chunk_index, i + 1)).to(self.device)
+                x = (1.0 - nxt) * x0 + nxt * eps
+        cache.commit(t_lat, start + t_lat)
+        t3 = self._sync()
+        return ChunkOutput(
+            latents=x0.to(getattr(torch, self.geometry.dtype)).contiguous(),
+            generator_calls=model.forward_calls - calls0,
+            current_start_frame=start + t_lat,
+            timings_ms={
+                "text": (t1 - t0) * 1e3,
+                "recompute": (t2 - t1) * 1e3,
+                "denoise": (t3 - t2) * 1e3,
+                "generator": (t3 - t0) * 1e3,
+            },
+        )
