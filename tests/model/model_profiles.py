@@ -1,0 +1,32 @@
+"""Hypothesis settings of the model test: "ci" (default) and "deep" (PP1_HYPOTHESIS_PROFILE=deep).
+
+Applied per test class (not globally) so other Hypothesis tests keep their own settings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+PROFILES: dict[str, settings] = {
+    # CI: derandomized (the same examples every run, no flakes), >= 500 examples per topology.
+    "ci": settings(max_examples=500, stateful_step_count=15, derandomize=True, database=None, **_COMMON),
+    # deep: random, many more and longer runs (minutes).
+    "deep": settings(max_examples=5000, stateful_step_count=80, **_COMMON),
+}
+
+PROFILE_ENV = "PP1_HYPOTHESIS_PROFILE"
+
+
+def profile_name() -> str:
+    name = os.environ.get(PROFILE_ENV, "ci")
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r}; expected one of {sorted(PROFILES)}")
+    return name
+
+
+def model_settings() -> settings:
+    return PROFILES[profile_name()]
