@@ -214,8 +214,9 @@ def serve(
             ex = _first_exit(relay.on_fatal(f"PP channel broke: {exc}", "remote"))
             raise RankExit(ex.code, ex.reason, poisoned=True) from exc
         received_at = clock()
-        log.debug("envelope %s call_id=%d chunk_index=%d cache_epoch=%d", env.action.value, env.call_id,
-                  env.chunk_index, env.cache_epoch)
+        (log.info if env.action is not Action.NOOP else log.debug)(
+            "envelope %s call_id=%d chunk_index=%d cache_epoch=%d", env.action.value, env.call_id, env.chunk_index,
+            env.cache_epoch)
         if env.action is Action.INFER:
             faults.check(f"chunk:{env.chunk_index}")
         ex = driver.execute(relay.on_envelope(env, received_at), received_at)

@@ -67,6 +67,8 @@ def serve(
             lc.fire("warmup_done")
             set_state(lc.state)
         if header.action is Action.INFER:
+            log.info("header infer call_id=%d chunk_index=%d cache_epoch=%d", header.call_id, header.chunk_index,
+                     header.cache_epoch)
             faults.check(f"chunk:{header.chunk_index}")
         intents = loop.on_header(header, clock())
         _perform(rt, loop, lc, loaded, tp, header, intents, cfg, clock)
