@@ -61,7 +61,7 @@ class InvalidChunkCall(ValueError):
         super().__init__(f"invalid chunk call [{code}] at {field}: {reason}")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -116,6 +116,11 @@ def check_call(call: ChunkCall, geometry: ChunkGeometry) -> None:
                 f"got {tuple(ctx.shape)}",
                 "bad_shape",
             )
+
+
+def wire_geometry(factory: PipelineFactory, preset: str, dtype: torch.dtype | str) -> ChunkGeometry:
+    """The preset's geometry with the run's dtype as wire dtype (what the runtime checks against)."""
+    return factory.geometry(preset).model_copy(update={"dtype": _dtype_name(dtype)})
 
 
 # --- at-load and per-call checks of a pipeline ------------------------------------------------
@@ -280,6 +285,7 @@ def check_pipeline(
     geometry = _guard(findings, "factory", "factory", lambda: verify_factory(factory, preset))
     if geometry is None:
         return findings
+    geometry = wire_geometry(factory, preset, dtype)
     steps = factory.timesteps(preset)
     stage0 = _guard(findings, "stage0", "build_stage0()", lambda: factory.build_stage0(preset, device, dtype))
     if stage0 is not None:
@@ -313,12 +319,13 @@ def check_pipeline(
             return outs[0]
 
         sched = ChunkSchedule(geometry, steps, seed=3, recompute_every=2)
-        cond = torch.randn(geometry.conditioning_shape(), generator=torch.Generator().manual_seed(1))
+        wire = getattr(torch, geometry.dtype)
+        cond = torch.randn(geometry.conditioning_shape(), generator=torch.Generator().manual_seed(1)).to(wire)
         first_latents = None
         for k in range(chunks):
             if k == chunks - 1:
                 sched.hard_cut()
-            noise = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100 + k))
+            noise = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100 + k)).to(wire)
             call = sched.next_call(cond, noise)
             out = run(call)
             if out is None:
@@ -329,7 +336,7 @@ def check_pipeline(
         # determinism: a reset shard replays chunk 0 bit for bit
         _guard(findings, "generator", "reset()", lambda: mesh.map(lambda r, _c: gens[r].reset()))
         replay = ChunkSchedule(geometry, steps, seed=3, recompute_every=2)
-        noise0 = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100))
+        noise0 = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100)).to(wire)
         out = run(replay.next_call(cond, noise0))
         if out is not None and not torch.equal(out.latents, first_latents):
             findings.append(Finding("determinism", "chunk 0", "same call after reset() gave different latents"))

@@ -45,7 +45,7 @@ class ReferenceGenerator:
         if comm.size != mesh_size or comm.rank != mesh_rank:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
         self.cfg = cfg
-        self.geometry = cfg.geometry()
+        self.geometry = cfg.geometry(dtype)  # wire dtype = run dtype: latents come back in it
         self.device = torch.device(device)
         self.dtype = dtype
         self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from pp1.protocol.geometry import ChunkGeometry
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (1000, 750, 500, 250)
@@ -73,7 +74,8 @@ class ReferenceConfig:
     def patch_features(self) -> int:
         return self.latent_channels * PATCH[0] * PATCH[1] * PATCH[2]
 
-    def geometry(self) -> ChunkGeometry:
+    def geometry(self, dtype: torch.dtype | str = "float32") -> ChunkGeometry:
+        """The chunk geometry; ``dtype`` is the wire dtype (the run's dtype)."""
         return ChunkGeometry(
             latent_channels=self.latent_channels,
             latent_frames=self.latent_frames,
@@ -82,7 +84,7 @@ class ReferenceConfig:
             text_len=self.text_len,
             text_dim=self.text_dim,
             max_context_frames=self.kv_window_frames,
-            dtype="float32",
+            dtype=str(dtype).removeprefix("torch."),
         )
 
     def as_dict(self) -> dict:
@@ -90,6 +92,12 @@ class ReferenceConfig:
 
 
 PRESETS: dict[str, ReferenceConfig] = {
+    # CI: 64x64 video -> 8x8 latents -> 16 tokens per latent frame; uneven over 3 ranks (2/1/1 heads,
+    # FFN 67/67/66). For tests that need every mechanism but not the cost.
+    "micro": ReferenceConfig(
+        name="micro", dim=64, num_heads=4, num_blocks=2, ffn_dim=200,
+        video_height=64, video_width=64, text_len=8, text_dim=32, freq_dim=32,
+    ),
     # CPU: 128x128 video -> 16x16 latents -> 64 tokens per latent frame, 192 per chunk.
     "tiny": ReferenceConfig(
         name="tiny", dim=128, num_heads=4, num_blocks=4, ffn_dim=512,

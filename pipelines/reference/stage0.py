@@ -9,7 +9,8 @@ to ONE video frame (9 frames for 3 latent frames), later latent frames to four e
 Each latent pixel (16 channels) maps linearly to its 4x8x8 (or 1x8x8) RGB patch, then a sigmoid to
 uint8. ``encode`` inverts it by least squares (exact up to uint8 rounding and saturation). Stateless:
 decoding a chunk does not depend on earlier chunks. It is much cheaper than Wan's VAE.
-All of stage 0 computes in float32 (the geometry's wire dtype).
+Stage 0 computes in float32; what it hands out (conditioning, noise, encoded latents) has the run's
+dtype, which is also the wire dtype (``geometry.dtype``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 class ReferenceStage0:
     def __init__(self, cfg: ReferenceConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.cfg = cfg
-        self.geometry = cfg.geometry()
+        self.geometry = cfg.geometry(dtype)
         self.device = torch.device(device)
-        self.dtype = torch.float32  # stage 0 is tiny; it runs in the wire dtype whatever the model dtype
+        self.dtype = dtype  # the wire dtype of what stage 0 hands out
         c, s, ts = cfg.latent_channels, VAE_SPATIAL, VAE_TEMPORAL
         seed = cfg.weight_seed
         # decoder: latent pixel -> (ts frames x s x s x RGB) pre-activations; first frame: 1 frame
@@ -60,12 +61,14 @@ class ReferenceStage0:
             signal = torch.cat([(pos * freqs).sin(), (pos * freqs).cos()], dim=1).float()
             out[: len(words), : signal.shape[1]] = 0.5 * signal
             out[: len(words)] += torch.stack([self._word(w) for w in words])
-        return out.to(self.device)
+        return out.to(self.device, self.dtype)
 
     # --- noise ----------------------------------------------------------------------------------
 
     def make_noise(self, seed: int, chunk_index: int) -> torch.Tensor:
-        return seeded_randn(self.geometry.noise_shape(), mix_seed("chunk_noise", seed, chunk_index)).to(self.device)
+        return seeded_randn(self.geometry.noise_shape(), mix_seed("chunk_noise", seed, chunk_index)).to(
+            self.device, self.dtype
+        )
 
     # --- VAE ------------------------------------------------------------------------------------
 
@@ -103,7 +106,7 @@ class ReferenceStage0:
             n = y.shape[0] // ts
             many = y.view(n, ts, h, s, w, s, 3).permute(0, 2, 4, 1, 3, 5, 6).reshape(n, h, w, ts * s * s * 3)
             out.append((many - self._b) @ self._pinv.T)
-        return torch.cat(out).permute(3, 0, 1, 2).contiguous()  # [C, T, h, w]
+        return torch.cat(out).permute(3, 0, 1, 2).to(self.dtype).contiguous()  # [C, T, h, w]
 
 
 def video_size(cfg: ReferenceConfig) -> tuple[int, int]:
