@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .messages import PROTOCOL_VERSION
 
@@ -35,6 +35,28 @@ class RunConfig(BaseModel):
     deadline_floor_s: float = Field(default=30.0, gt=0)
     deadline_factor: float = Field(default=4.0, gt=1)  # c in max(c * p99, floor)
     warmup_chunks: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.watchdog_s <= 3 * self.heartbeat_s:
+            raise ValueError(
+                f"watchdog_s ({self.watchdog_s}) must exceed 3 x heartbeat_s ({self.heartbeat_s}): "
+                "a mesh rank would take an idle front for a dead one"
+            )
+        ranks = self.mesh_global_ranks
+        if not ranks or len(set(ranks)) != len(ranks) or any(not 0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"mesh_global_ranks {ranks} must be distinct ranks in [0, {self.world_size})")
+        expected = self.world_size - (1 if self.topology == "pp1" else 0)
+        if len(ranks) != expected:
+            raise ValueError(
+                f"topology {self.topology!r} with world_size {self.world_size} needs {expected} mesh ranks, "
+                f"got {len(ranks)}"
+            )
+        if self.topology == "pp1" and 0 in ranks:
+            raise ValueError("under pp1, rank 0 is the front and cannot be a mesh rank")
+        if self.topology == "tp" and ranks[0] != 0:
+            raise ValueError("under pure TP, rank 0 must be the mesh leader (mesh_global_ranks[0] == 0)")
+        return self
 
     @property
     def front_rank(self) -> int | None:
