@@ -39,7 +39,10 @@ log = logging.getLogger("pp1.adapters.chunk_engine")
 class Link(Protocol):
     """The front's end of the way to the leader."""
 
-    def send(self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True) -> None: ...
+    def send(
+        self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True,
+        timeout_s: float | None = None,
+    ) -> None: ...
 
     def recv(self, deadline_at: float | None) -> tuple[PPResultV1, list[torch.Tensor]]: ...
 
@@ -232,7 +235,7 @@ class ChunkEngine:
             env = envelope_from_plan(plan, specs)
             if plan.action is Action.INFER:
                 env, tensors, preflight = self._inject(plan, env, tensors)
-            self.link.send(env, tensors, preflight=preflight)
+            self.link.send(env, tensors, preflight=preflight, timeout_s=m.deadline_s())
         except LocalProtocolError as err:
             log.error("refused before sending: %s call_id=%d chunk_index=%d cache_epoch=%d: %s",
                       plan.action.value, plan.call_id, plan.chunk_index, plan.cache_epoch, err)
@@ -322,7 +325,7 @@ class ChunkEngine:
         if plan is None:
             return
         try:
-            self.link.send(envelope_from_plan(plan), (), preflight=True)
+            self.link.send(envelope_from_plan(plan), (), preflight=True, timeout_s=min(1.0, self.m.heartbeat_s * 4))
             log.info("farewell SHUTDOWN sent call_id=%d", plan.call_id)
         except Exception as exc:  # best effort
             log.warning("farewell SHUTDOWN not sent: %s", exc)

@@ -34,8 +34,11 @@ class PPLink:
     def __init__(self, pp: PPControlPlane) -> None:
         self.pp = pp
 
-    def send(self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True) -> None:
-        self.pp.send_envelope(env, tensors, preflight=preflight)
+    def send(
+        self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.pp.send_envelope(env, tensors, preflight=preflight, timeout_s=timeout_s)
 
     def recv(self, deadline_at: float | None) -> tuple[PPResultV1, list[torch.Tensor]]:
         return self.pp.recv_result(deadline_at)
@@ -104,7 +107,7 @@ def serve(
     session: FrontSession,
 ) -> int:
     assert loaded.stage0 is not None
-    pp = PPControlPlane(rt, loaded.geometry)
+    pp = PPControlPlane(rt, loaded.geometry, send_timeout_s=cfg.deadline_floor_s)
     try:
         pp.warm(cfg.watchdog_s * 4)
         lc.fire("channels_warm")

@@ -189,7 +189,7 @@ def serve(
 ) -> int:
     """PP1 leader, after the common startup: warm the channels, warmup, then the relay loop."""
     assert loaded.generator is not None
-    pp = PPControlPlane(rt, loaded.geometry)
+    pp = PPControlPlane(rt, loaded.geometry, send_timeout_s=cfg.deadline_floor_s + cfg.watchdog_s)
     warm_timeout = cfg.watchdog_s * 4
     tp.warm(warm_timeout)
     pp.warm(warm_timeout)

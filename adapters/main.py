@@ -27,6 +27,7 @@ from . import faults as faults_mod
 from .faults import FaultPlan
 from .front_main import FrontSession
 from .observe import emit_event, set_state, setup_logging
+from .peak_memory import emit_peak_memory
 from .runtime import DistributedRuntime
 from .shard import MeshCommunicator
 from .startup import Loaded, RankExit, Startup, geometry_for, load_factory, torch_dtype_of
@@ -127,7 +128,7 @@ def run_role(rt: DistributedRuntime, cfg: RunConfig, args: Any, lc: Lifecycle, f
         from .front_main import serve as front_serve
 
         return front_serve(rt, lc, loaded, cfg, faults, args, session)
-    tp = TPControlPlane(rt, loaded.geometry)
+    tp = TPControlPlane(rt, loaded.geometry, send_timeout_s=cfg.watchdog_s)
     if role == "tp_rank0":
         from .tp_main import serve as tp_serve
 
@@ -154,6 +155,7 @@ class Exiter:
             rank = self.rt.rank if self.rt else -1
             (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
             faults_mod.record("exit", rank=rank, role=role, code=code, reason=reason[:300])
+            emit_peak_memory(self.rt.device if self.rt else None)
             emit_event("exit", code=code, reason=reason[:500])
             if code == EXIT_OK and not crash and self.rt is not None:
                 self.rt.teardown(self.teardown_s)

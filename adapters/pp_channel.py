@@ -40,7 +40,9 @@ PING_CALL_ID = 0  # the warm-up round trip; the front's chunk machine starts at 
 class PPControlPlane:
     """One side (front or leader) of the PP channel."""
 
-    def __init__(self, rt: DistributedRuntime, geometry: ChunkGeometry) -> None:
+    def __init__(
+        self, rt: DistributedRuntime, geometry: ChunkGeometry, send_timeout_s: float | None = None
+    ) -> None:
         if rt.pair_ranks is None or rt.rank not in rt.pair_ranks:
             raise LocalProtocolError("pp_channel", f"{rt.ids} is not on the PP pair", "not_a_member")
         self.rt = rt
@@ -48,6 +50,7 @@ class PPControlPlane:
         self.side = "front" if rt.rank == rt.front_rank else "leader"
         self.peer = rt.leader_rank if self.side == "front" else rt.front_rank
         self.route = wire.Route(rt.groups.pair_cpu, rt.groups.pair_dev, "pp_header", "pp_tensors")
+        self.send_timeout_s = send_timeout_s  # bound on a whole message send (the peer must post its recv)
         self.poisoned: str | None = None
         self.last_call_id: int | None = None  # last envelope sent (front)
         self.last_infer_epoch: int | None = None
@@ -80,15 +83,23 @@ class PPControlPlane:
         return msg
 
     # -- front -------------------------------------------------------------------------------------
-    def send_envelope(self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True) -> None:
-        """Preflight, encode, then send. LocalProtocolError before the first frame: nothing sent.
-        ``preflight=False`` only for fault injection (the leader must then reject the envelope)."""
+    def send_envelope(
+        self,
+        env: PPEnvelopeV1,
+        tensors: Sequence[torch.Tensor],
+        preflight: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Preflight, encode, then send within ``timeout_s`` (default: the channel's send bound).
+        LocalProtocolError before the first frame: nothing sent. ``preflight=False`` only for fault
+        injection (the leader must then reject the envelope)."""
         self._guard()
         if preflight:
             last_epoch = self.last_infer_epoch if env.action is Action.INFER else None
             preflight_envelope(env, tensors, self.geometry, self.last_call_id, last_cache_epoch=last_epoch)
         frames = encode(env, tensors)
-        self._io(wire.send_p2p, self.rt, frames, self.route, self.peer)
+        bound = self.send_timeout_s if timeout_s is None else timeout_s
+        self._io(wire.send_p2p, self.rt, frames, self.route, self.peer, bound)
         self.last_call_id = env.call_id
         if env.action is Action.INFER:
             self.last_infer_epoch = env.cache_epoch
@@ -122,12 +133,12 @@ class PPControlPlane:
     def send_result(self, result: PPResultV1, tensors: Sequence[torch.Tensor] = ()) -> None:
         self._guard()
         preflight_result(result, tensors, self.geometry)
-        self._io(wire.send_p2p, self.rt, encode(result, tensors), self.route, self.peer)
+        self._io(wire.send_p2p, self.rt, encode(result, tensors), self.route, self.peer, self.send_timeout_s)
 
     def send_ready(self, ready: ReadyV1) -> None:
         self._guard()
         preflight_ready(ready)
-        self._io(wire.send_p2p, self.rt, encode(ready), self.route, self.peer)
+        self._io(wire.send_p2p, self.rt, encode(ready), self.route, self.peer, self.send_timeout_s)
 
     # -- warm-up -----------------------------------------------------------------------------------
     def warm(self, timeout_s: float) -> float:
@@ -137,14 +148,14 @@ class PPControlPlane:
         rt, dev = self.rt, self.rt.tensor_device(self.route.dev_group)
         probe = torch.ones(1, device=dev)
         if self.side == "front":
-            self.send_envelope(PPEnvelopeV1(action=Action.PING, call_id=PING_CALL_ID), ())
+            self.send_envelope(PPEnvelopeV1(action=Action.PING, call_id=PING_CALL_ID), (), timeout_s=timeout_s)
             res, _ = self.recv_result(time.monotonic() + timeout_s)
             if res.action is not Action.PING or res.call_id != PING_CALL_ID or not res.ok:
                 err = RemoteProtocolError("result", f"bad PING answer {res.action.value} call_id={res.call_id}",
                                           "id_mismatch")
                 self._poison(err)
                 raise err
-            self._io(rt.send, probe, self.peer, self.route.dev_group, "pp_tensors")
+            self._io(rt.send, probe, self.peer, self.route.dev_group, "pp_tensors", _dev_timeout(dev, timeout_s))
             self._io(rt.recv, probe, self.peer, self.route.dev_group, "pp_tensors", _dev_timeout(dev, timeout_s))
         else:
             env = self.recv_envelope(timeout_s)
@@ -155,7 +166,7 @@ class PPControlPlane:
                 raise err
             self.send_result(PPResultV1(action=Action.PING, ok=True, call_id=env.call_id))
             self._io(rt.recv, probe, self.peer, self.route.dev_group, "pp_tensors", _dev_timeout(dev, timeout_s))
-            self._io(rt.send, probe, self.peer, self.route.dev_group, "pp_tensors")
+            self._io(rt.send, probe, self.peer, self.route.dev_group, "pp_tensors", _dev_timeout(dev, timeout_s))
         return (time.perf_counter() - t0) * 1000
 
 

@@ -32,13 +32,16 @@ PING_CALL_ID = 0
 class TPControlPlane:
     """The leader's or a worker's end of the TP channel. One owner per rank (its main loop)."""
 
-    def __init__(self, rt: DistributedRuntime, geometry: ChunkGeometry) -> None:
+    def __init__(
+        self, rt: DistributedRuntime, geometry: ChunkGeometry, send_timeout_s: float | None = None
+    ) -> None:
         if not rt.is_mesh_member:
             raise LocalProtocolError("tp_channel", f"{rt.ids} is not in the mesh", "not_a_member")
         self.rt = rt
         self.geometry = geometry
         self.is_leader = rt.rank == rt.leader_rank
         self.route = wire.Route(rt.groups.mesh_cpu, rt.groups.mesh_dev, "tp_header", "tp_tensors")
+        self.send_timeout_s = send_timeout_s  # workers post their receive at once: a short bound
         self.poisoned: str | None = None
         self.headers = 0
 
@@ -67,7 +70,7 @@ class TPControlPlane:
         frames = encode(header, tensors)
         if header.action is Action.WARMUP:
             frames.tensors = []
-        self._io(wire.send_broadcast, self.rt, frames, self.route)
+        self._io(wire.send_broadcast, self.rt, frames, self.route, self.send_timeout_s)
         self.headers += 1
 
     # -- worker ------------------------------------------------------------------------------------

@@ -60,7 +60,10 @@ class LocalLink:
         self.last_infer_epoch: int | None = None
         self.exit: Exit | None = None
 
-    def send(self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True) -> None:
+    def send(
+        self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
         if self.exit is not None:
             raise PeerLost("local", f"in-process leader exited: {self.exit.reason}")
         if preflight:

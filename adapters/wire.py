@@ -5,6 +5,7 @@ broadcast (TP channel). No protocol decisions here: the channels and the machine
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,35 +33,43 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
 
 
-def _send_control(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None) -> None:
+def _left(end: float | None) -> float | None:
+    return None if end is None else max(end - time.monotonic(), 0.001)
+
+
+def _send_control(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None, end: float | None) -> None:
     for part in (frames.header, frames.meta):
         t = _bytes_tensor(part)
         if dst is None:
-            rt.broadcast(t, src=rt.rank, group=route.cpu_group, purpose=route.cpu_purpose)
+            rt.broadcast(t, src=rt.rank, group=route.cpu_group, purpose=route.cpu_purpose, timeout_s=_left(end))
         else:
-            rt.send(t, dst=dst, group=route.cpu_group, purpose=route.cpu_purpose)
+            rt.send(t, dst=dst, group=route.cpu_group, purpose=route.cpu_purpose, timeout_s=_left(end))
 
 
-def _send_tensors(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None) -> None:
+def _send_tensors(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None, end: float | None) -> None:
     dev = rt.tensor_device(route.dev_group)
+    bounded = end if dev.type == "cpu" else None  # a timed-out NCCL wait aborts the communicator
     for t in frames.tensors:
         t = t.to(dev).contiguous()
         if dst is None:
-            rt.broadcast(t, src=rt.rank, group=route.dev_group, purpose=route.dev_purpose)
+            rt.broadcast(t, src=rt.rank, group=route.dev_group, purpose=route.dev_purpose, timeout_s=_left(bounded))
         else:
-            rt.send(t, dst=dst, group=route.dev_group, purpose=route.dev_purpose)
+            rt.send(t, dst=dst, group=route.dev_group, purpose=route.dev_purpose, timeout_s=_left(bounded))
 
 
-def send_p2p(rt: DistributedRuntime, frames: Frames, route: Route, dst: int) -> None:
-    """Header, meta (CPU group), then tensors (device group) to ``dst``."""
-    _send_control(rt, frames, route, dst)
-    _send_tensors(rt, frames, route, dst)
+def send_p2p(rt: DistributedRuntime, frames: Frames, route: Route, dst: int, timeout_s: float | None = None) -> None:
+    """Header, meta (CPU group), then tensors (device group) to ``dst``. A gloo send completes only
+    once the peer posted its receive, so ``timeout_s`` bounds the whole message (poisoning after)."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    _send_control(rt, frames, route, dst, end)
+    _send_tensors(rt, frames, route, dst, end)
 
 
-def send_broadcast(rt: DistributedRuntime, frames: Frames, route: Route) -> None:
+def send_broadcast(rt: DistributedRuntime, frames: Frames, route: Route, timeout_s: float | None = None) -> None:
     """Header, meta (CPU group), then tensors (device group) from this rank to the whole group."""
-    _send_control(rt, frames, route, None)
-    _send_tensors(rt, frames, route, None)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    _send_control(rt, frames, route, None, end)
+    _send_tensors(rt, frames, route, None, end)
 
 
 def _recv_into(
