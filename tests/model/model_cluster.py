@@ -99,6 +99,7 @@ class Ledger:
     emitted: list[tuple[int, int]] = field(default_factory=list)  # (epoch, chunk_index)
     recomputes: int = 0
     retries: int = 0
+    failures_in_a_row: int = 0  # failed results (ok=False) since the last emitted chunk
     farewell: bool = False
 
 
@@ -145,7 +146,7 @@ class Cluster:
             self.faults.append(f"config mismatch on rank {bad_config_rank}")
         if load_fail_rank is not None:
             self.faults.append(f"load fails on rank {load_fail_rank}")
-        self.corrupt_next: str | None = None  # "invalid" | "garbage": the next envelope the front sends
+        self.corrupt_next: str | None = None  # "invalid" | "ids" | "garbage": the next envelope the front sends
         self.chunk_fault: str | None = None  # "recoverable" | "tripwire": the next INFER the mesh runs
         self.ledger = Ledger()
         self.trace: list[str] = []
@@ -239,6 +240,15 @@ class Cluster:
         fn()
         return name
 
+    def do(self, name: str) -> None:
+        """Take the enabled step called ``name`` (for scripted scenarios); error when it is not enabled."""
+        for label, fn in self.enabled():
+            if label == name:
+                self.trace.append(label)
+                fn()
+                return
+        raise ModelViolation(f"step {name!r} is not enabled: {[n for n, _ in self.enabled()]}")
+
     def check_progress(self) -> None:
         """No reachable deadlock: some rank can move, a timer will fire, or every rank is done."""
         if self.all_terminal() or self.enabled():
@@ -262,6 +272,15 @@ class Cluster:
             if not self.step(0):
                 self.now = max(self.now, min(self.timers()))
         raise ModelViolation(f"startup did not end after {max_steps} steps: {self.describe()}")
+
+    def run_chunks(self, n: int, max_steps: int = 4000) -> None:
+        """Stream until ``n`` more chunks were emitted (first enabled step), or the front stops serving."""
+        want = len(self.ledger.emitted) + n
+        for _ in range(max_steps):
+            if len(self.ledger.emitted) >= want or not self.front.alive or self.front.life.state != "serving":
+                return
+            if not self.step(0):
+                return
 
     def settle(self, max_steps: int = 4000) -> None:
         """Drive the cluster to its end: to serving (or failure), then SIGTERM on the front, then
@@ -435,9 +454,15 @@ class Cluster:
         check(len(led.sent) == led.answered, f"overlap depth 1: {len(led.sent) - led.answered} unanswered")
         led.last_call_id = plan.call_id
         msg: PPEnvelopeV1 | Garbage = env
-        if self.corrupt_next == "invalid":
-            msg = env.model_copy(update={"chunk_index": env.chunk_index + 1, "init_cache": False})
+        if self.corrupt_next == "invalid":  # breaks a rule the leader checks: answered ok=False, never relayed
+            bad = {"expected_generator_calls": env.expected_generator_calls + 1} if plan.action is Action.INFER \
+                else {"num_denoising_steps": 1}
+            msg = env.model_copy(update=bad)
             self.faults.append(f"invalid envelope call_id={plan.call_id}")
+        elif self.corrupt_next == "ids":  # valid-looking but altered ids: relayed; the front's tripwire fires
+            msg = env.model_copy(update={"chunk_index": env.chunk_index + 1, "init_cache": False,
+                                         "reset_cache": False})
+            self.faults.append(f"altered ids call_id={plan.call_id}")
         elif self.corrupt_next == "garbage":
             msg = Garbage(plan.call_id)
             self.faults.append(f"garbage frame call_id={plan.call_id}")
@@ -481,9 +506,12 @@ class Cluster:
             check(d.chunk_index == led.index, f"emit chunk {d.chunk_index}, model expects {led.index}")
             led.emitted.append((d.cache_epoch, d.chunk_index))
             led.index += 1
+            led.failures_in_a_row = 0
         elif d.verdict is Verdict.DISCARD_STALE:
             check(d.cache_epoch < led.epoch, "discarded a current-epoch result")
         elif d.verdict is Verdict.RETRY:
+            led.failures_in_a_row += 1
+            check(led.failures_in_a_row == 1, "retried after a second failure in a row (retry once, then fail)")
             led.epoch += 1
             led.index = 0
             led.retries += 1

@@ -13,7 +13,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 PROFILES: dict[str, settings] = {
     # CI: derandomized (the same examples every run, no flakes), >= 500 examples per topology.
-    "ci": settings(max_examples=500, stateful_step_count=15, derandomize=True, database=None, **_COMMON),
+    "ci": settings(max_examples=500, stateful_step_count=10, derandomize=True, database=None, **_COMMON),
     # deep: random, many more and longer runs (minutes).
     "deep": settings(max_examples=5000, stateful_step_count=80, **_COMMON),
 }

@@ -14,6 +14,7 @@ Profiles: PP1_HYPOTHESIS_PROFILE=ci (default, derandomized) or deep (see model_p
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,11 +54,11 @@ class ClusterModel(RuleBasedStateMachine):
         self.kills = 0
 
     @initialize(data=st.data(), k=st.sampled_from([0, 1, 2, 3]), warmup=st.integers(0, 2),
-                from_serving=st.sampled_from([True, True, False]))
+                from_serving=st.sampled_from([True, True, False]), chunks=st.integers(0, 3))
     @_tracked
-    def start(self, data: st.DataObject, k: int, warmup: int, from_serving: bool) -> None:
+    def start(self, data: st.DataObject, k: int, warmup: int, from_serving: bool, chunks: int) -> None:
         """A fresh cluster; startup faults drawn here. Two runs in three start from serving (startup
-        done deterministically) so that most steps exercise the serving protocol."""
+        and ``chunks`` chunks done deterministically) so that most steps exercise serving."""
         m = data.draw(st.sampled_from(self.MESH_SIZES), label="mesh_size")
         world = m + (1 if self.TOPOLOGY == "pp1" else 0)
         startup = data.draw(st.sampled_from([("none", 0)] * 30 + [(kind, r) for kind in ("config", "load")
@@ -67,6 +68,7 @@ class ClusterModel(RuleBasedStateMachine):
                          load_fail_rank=startup[1] if startup[0] == "load" else None)
         if from_serving:
             self.c.run_until_serving()
+            self.c.run_chunks(chunks)
 
     @property
     def cluster(self) -> Cluster:
@@ -74,11 +76,13 @@ class ClusterModel(RuleBasedStateMachine):
         return self.c
 
     # -- progress: any enabled step, in any order -------------------------------------------------
-    @rule(choices=st.lists(st.integers(0, 63), min_size=4, max_size=16))
+    @rule(n=st.integers(1, 24), seed=st.integers(0, 2**16))
     @_tracked
-    def steps(self, choices: list[int]) -> None:
-        for i in choices:
-            if self.cluster.step(i) is None:
+    def steps(self, n: int, seed: int) -> None:
+        """``n`` enabled steps, each picked by a cheap PRNG seeded by Hypothesis (one draw, not n)."""
+        rng = random.Random(seed)
+        for _ in range(n):
+            if self.cluster.step(rng.randrange(1 << 16)) is None:
                 break
 
     @rule(dt=st.sampled_from(TICKS))
@@ -88,7 +92,7 @@ class ClusterModel(RuleBasedStateMachine):
 
     # -- what users and faults do, between any two steps ------------------------------------------
     @rule(what=st.sampled_from(["hard_cut", "hard_cut", "toggle_stream", "sigterm", "kill", "corrupt:invalid",
-                                "corrupt:garbage", "chunk:recoverable", "chunk:tripwire"]), data=st.data())
+                                "corrupt:ids", "corrupt:garbage", "chunk:recoverable", "chunk:tripwire"]), data=st.data())
     @_tracked
     def event(self, what: str, data: st.DataObject) -> None:
         c = self.cluster
