@@ -6,6 +6,7 @@ CPU: the process's max RSS (``resource.getrusage``). CUDA: also ``torch.cuda.max
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 from collections.abc import Iterable
@@ -36,10 +37,8 @@ def peak_memory(device: torch.device | str | None = None) -> dict[str, Any]:
 
 def emit_peak_memory(device: torch.device | str | None = None) -> None:
     """Emit this rank's peak memory as one event; best effort (the exit path must not fail here)."""
-    try:
+    with contextlib.suppress(Exception):
         emit_event(PEAK_EVENT, **peak_memory(device))
-    except Exception:  # noqa: BLE001 - exit path: never raise
-        pass
 
 
 def peaks_by_rank(events: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:

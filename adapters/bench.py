@@ -1,0 +1,491 @@
+"""``pp1 bench``: run configurations one after another (each a whole job through ``launch()``), drop
+the warmup chunks, and write ``<out>/bench-<label>.json`` and ``<out>/bench-<label>.md``.
+
+Per configuration, from the front's per-chunk report: chunk period (median, p99), video fps, mesh
+time, stage-0 time, PP round-trip overhead, overlap score = max(stage 0, mesh) / period, time to
+first frame, and the peak memory of every rank (``peak_memory`` events the ranks emit at exit).
+
+    pp1 bench --preset tiny                                  # CPU defaults: pp1:2, tp:2, tp:1, pp1:1
+    pp1 bench --device cuda --preset krea-14b-shape --dtype bfloat16 --configs pp1:3,tp:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .launcher import DEFAULT_PIPELINE, LaunchOptions, RunReport, launch
+from .peak_memory import peak_bytes, peaks_by_rank
+
+DEFAULT_OUT = os.path.join("specs", "bench")
+TOPOLOGIES = ("pp1", "tp")
+BENCH_VERSION = 1
+
+OVERLAP_NOTE = (
+    "Overlap = max(stage 0, mesh) / period (medians). 1.0: the period is set by the slower of the two "
+    "alone, i.e. stage 0 (decode of chunk k) is fully hidden behind the mesh (generation of chunk k+1); "
+    "max / (stage 0 + mesh) or lower: they run one after the other (pure TP is serial by construction); "
+    "well below that: time goes elsewhere (PP round trip, scheduling, a busy host)."
+)
+
+
+# -- configurations -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration: ``pp1`` (front rank + TP mesh of ``tp``) or ``tp`` (pure TP of ``tp`` ranks)."""
+
+    topology: str
+    tp: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.topology}:{self.tp}"
+
+    @property
+    def nproc(self) -> int:
+        return self.tp + 1 if self.topology == "pp1" else self.tp
+
+    @property
+    def title(self) -> str:
+        if self.topology == "pp1":
+            return f"PP1 front + TP={self.tp}"
+        return "single process (TP=1)" if self.tp == 1 else f"pure TP={self.tp}"
+
+    @classmethod
+    def parse(cls, text: str) -> BenchConfig:
+        """``pp1:2`` or ``tp:4``."""
+        topo, sep, size = text.strip().partition(":")
+        topo = topo.strip().lower()
+        if not sep or topo not in TOPOLOGIES or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"bad config {text!r}: want TOPOLOGY:M with TOPOLOGY in {TOPOLOGIES} and M >= 1")
+        return cls(topo, int(size))
+
+
+def parse_configs(text: str) -> list[BenchConfig]:
+    return [BenchConfig.parse(part) for part in text.split(",") if part.strip()]
+
+
+def default_configs(device: str, gpu_count: int = 0) -> list[BenchConfig]:
+    """CPU: PP1 front + TP=2, pure TP=2, TP=1 (single process), PP1 front + TP=1. CUDA with G GPUs:
+    every PP1 front + TP=M with M in {1, 2, 4, G-1} and every pure TP=M with M in {1, 2, 4, 8, G-1, G}
+    that fits (PP1 needs M+1 GPUs), largest first; e.g. G=4: pp1:3, tp:4, tp:3, pp1:2, tp:2, pp1:1, tp:1."""
+    if device != "cuda":
+        return [BenchConfig("pp1", 2), BenchConfig("tp", 2), BenchConfig("tp", 1), BenchConfig("pp1", 1)]
+    g = max(0, gpu_count)
+    pp1 = {m for m in (1, 2, 4, g - 1) if m >= 1 and m + 1 <= g}
+    tp = {m for m in (1, 2, 4, 8, g - 1, g) if 1 <= m <= g}
+    out = [BenchConfig("pp1", m) for m in pp1] + [BenchConfig("tp", m) for m in tp]
+    return sorted(out, key=lambda c: (-c.nproc, c.topology != "pp1"))
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(1, math.ceil(q / 100 * len(s)))
+    return float(s[min(k, len(s)) - 1])
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def steady_chunks(chunks: Sequence[dict[str, Any]], warmup_chunks: int) -> list[dict[str, Any]]:
+    """The shown chunks after the first ``warmup_chunks`` shown ones."""
+    shown = [c for c in chunks if c.get("shown", True)]
+    return shown[max(0, warmup_chunks):]
+
+
+def compute_metrics(report: dict[str, Any], warmup_chunks: int) -> dict[str, Any]:
+    """The bench's figures from the front's JSON report (``chunks``, ``summary``, ``startup_s``).
+
+    Times in ms (medians over the steady chunks) unless named ``_s``. ``video_fps`` = frames of the
+    steady chunks / the sum of their periods (each period: from the previous shown chunk's frames to
+    this one's). ``stage0_ms`` is the front's decode of a chunk; ``pp_overhead_ms`` = round trip -
+    the leader's own time (0 under pure TP: there is no PP channel)."""
+    chunks = list(report.get("chunks") or [])
+    steady = steady_chunks(chunks, warmup_chunks)
+    periods = [float(c["period_ms"]) for c in steady if isinstance(c.get("period_ms"), (int, float))]
+    with_period = [c for c in steady if isinstance(c.get("period_ms"), (int, float))]
+    frames = sum(int(c.get("frames", 0)) for c in with_period)
+    span_ms = sum(periods)
+
+    def med(key: str) -> float | None:
+        return _median([float(c[key]) for c in steady if isinstance(c.get(key), (int, float))])
+
+    period_p50 = _median(periods)
+    mesh, stage0 = med("mesh_ms"), med("decode_ms")
+    overlap = None
+    if period_p50 and mesh is not None and stage0 is not None:
+        overlap = max(mesh, stage0) / period_p50
+    summary = report.get("summary") or {}
+    return {
+        "chunks_total": len([c for c in chunks if c.get("shown", True)]),
+        "chunks_measured": len(steady),
+        "warmup_chunks_dropped": min(max(0, warmup_chunks), len(chunks)),
+        "frames_measured": frames,
+        "period_p50_ms": period_p50,
+        "period_p99_ms": percentile(periods, 99),
+        "period_mean_ms": float(statistics.fmean(periods)) if periods else None,
+        "video_fps": frames * 1000.0 / span_ms if span_ms > 0 else None,
+        "mesh_ms": mesh,
+        "stage0_ms": stage0,
+        "pp_overhead_ms": med("pp_overhead_ms"),
+        "round_trip_ms": med("round_trip_ms"),
+        "leader_ms": med("leader_ms"),
+        "overlap_score": overlap,
+        "time_to_first_frame_s": summary.get("time_to_first_frame_s"),
+        "startup_s": report.get("startup_s"),
+        "recompute_chunks": sum(1 for c in steady if c.get("recompute")),
+    }
+
+
+def memory_by_rank(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per global rank (string keys, for JSON): the raw peak event fields and ``peak_bytes``."""
+    out: dict[str, Any] = {}
+    for rank, entry in sorted(peaks_by_rank(events).items()):
+        out[str(rank)] = {**entry, "peak_bytes": peak_bytes(entry)}
+    return out
+
+
+def config_result(cfg: BenchConfig, rep: RunReport, warmup_chunks: int) -> dict[str, Any]:
+    """Everything the JSON holds for one configuration."""
+    shown = [c for c in rep.chunks if c.get("shown", True)]
+    return {
+        "config": cfg.name,
+        "title": cfg.title,
+        "topology": cfg.topology,
+        "tp": cfg.tp,
+        "nproc": cfg.nproc,
+        "ok": rep.ok,
+        "exit_code": rep.exit_code,
+        "failure": rep.failure,
+        "failing_rank": rep.failing_rank,
+        "wall_s": rep.wall_s,
+        "metrics": compute_metrics(rep.report or {"chunks": rep.chunks, "summary": rep.summary}, warmup_chunks),
+        "peak_memory": memory_by_rank(rep.events),
+        "warmup_ms": rep.warmup_ms,
+        "stats": (rep.report or {}).get("stats", {}),
+        "periods_ms": [c.get("period_ms") for c in shown],
+        "chunks": [
+            {k: c.get(k) for k in ("chunk_index", "frames", "recompute", "period_ms", "mesh_ms", "decode_ms",
+                                   "pp_overhead_ms", "round_trip_ms", "leader_ms")}
+            for c in shown
+        ],
+        "log_tail": [] if rep.ok else rep.log_tail[-40:],
+    }
+
+
+# -- the machine ----------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    """Visible GPUs by name, from ``nvidia-smi`` (no CUDA context in this process), else torch."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            names = [line.strip() for line in out.splitlines() if line.strip()]
+            vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if vis is not None and vis.strip() and all(x.strip().isdigit() for x in vis.split(",")):
+                names = [names[int(x)] for x in vis.split(",") if int(x) < len(names)]
+            return names
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    try:
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable CUDA
+        return []
+
+
+def gpu_count() -> int:
+    try:
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """A hostname-free description of where the bench ran."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    info: dict[str, Any] = {
+        "os": platform.system(),
+        "platform": platform.platform(terse=True),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": device,
+    }
+    if device == "cuda":
+        names = gpu_names()
+        info.update(gpu_count=gpu_count(), gpus=names)
+        try:
+            info["nccl"] = ".".join(str(x) for x in torch.cuda.nccl.version())
+        except Exception:  # noqa: BLE001
+            info["nccl"] = None
+    else:
+        info.update(gpu_count=0, gpus=[])
+    return info
+
+
+def preset_shape(pipeline: str, preset: str) -> dict[str, Any] | None:
+    """The reference preset's shape (dims, blocks, video size), when the pipeline is the reference one."""
+    if pipeline != DEFAULT_PIPELINE:
+        return None
+    try:
+        from pp1.pipelines.reference.presets import get_preset
+
+        return get_preset(preset).as_dict()
+    except (ImportError, ValueError):
+        return None
+
+
+# -- output ---------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
+
+
+def _mem(cfg: dict[str, Any]) -> str:
+    mem = cfg.get("peak_memory") or {}
+    if not mem:
+        return "-"
+    gpu = any("cuda_max_allocated_bytes" in e for e in mem.values())
+    unit, div, digits = ("GiB", 2**30, 2) if gpu else ("MiB", 2**20, 0)
+    parts = []
+    for rank, entry in sorted(mem.items(), key=lambda kv: int(kv[0])):
+        b = entry.get("peak_bytes")
+        parts.append(f"r{rank} {b / div:.{digits}f}" if isinstance(b, int) else f"r{rank} -")
+    return f"{' / '.join(parts)} {unit}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The Markdown table: one row per configuration, then how to read the overlap score."""
+    m, run = result["machine"], result["run"]
+    gpus = f", {m.get('gpu_count')} x {m['gpus'][0]}" if m.get("gpus") else ""
+    lines = [
+        f"# pp1 bench: {result['label']}",
+        "",
+        f"Preset `{run['preset']}`, dtype {run['dtype']}, device {run['device']}{gpus}; "
+        f"{m.get('cpu_usable')} usable CPU cores ({m.get('cpu_model')}); torch {m.get('torch')}. "
+        f"{run['chunks']} measured chunks after {run['warmup_chunks']} dropped; KV recompute every "
+        f"{run['recompute_every']} chunk(s).",
+        "",
+        "| config | ranks | period p50 (ms) | period p99 (ms) | video fps | mesh (ms) | stage 0 (ms) "
+        "| PP overhead (ms) | overlap | first frame (s) | peak memory per rank | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for c in result["configs"]:
+        x = c["metrics"]
+        status = "ok" if c["ok"] else f"FAILED: {str(c.get('failure') or '')[:80]}"
+        lines.append(
+            f"| {c['title']} (`{c['config']}`) | {c['nproc']} | {_f(x['period_p50_ms'])} | {_f(x['period_p99_ms'])} "
+            f"| {_f(x['video_fps'], 2)} | {_f(x['mesh_ms'])} | {_f(x['stage0_ms'])} | {_f(x['pp_overhead_ms'], 2)} "
+            f"| {_f(x['overlap_score'], 2)} | {_f(x['time_to_first_frame_s'], 2)} | {_mem(c)} | {status} |"
+        )
+    lines += [
+        "",
+        OVERLAP_NOTE,
+        "",
+        "Period: time between the frames of consecutive chunks reaching the front (p50 / p99 over the "
+        "measured chunks); video fps = their frames / the sum of their periods. Mesh: the leader's "
+        "generator time per chunk; stage 0: the front's decode of a chunk; PP overhead: front round trip "
+        "- the leader's own time (pure TP has none). First frame: from READY to the first chunk's frames. "
+        "Peak memory: CUDA max allocated (GPU) or max RSS (CPU), per global rank.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str, label: str) -> tuple[str, str]:
+    """Write ``bench-<label>.json`` and ``.md`` (atomically); returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = (os.path.join(out_dir, f"bench-{label}.json"), os.path.join(out_dir, f"bench-{label}.md"))
+    for path, text in zip(paths, (json.dumps(result, indent=1, default=str) + "\n", markdown(result)), strict=True):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return paths
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    preset: str = "tiny"
+    configs: list[BenchConfig] | None = None  # None: default_configs(device, GPU count)
+    chunks: int = 10  # measured chunks per configuration
+    warmup_chunks: int = 2  # chunks driven first and dropped from the statistics
+    mesh_warmup: int = 1  # warmup chunks the leader drives before READY (LaunchOptions.warmup_chunks)
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    recompute_every: int = 1
+    pipeline: str = DEFAULT_PIPELINE
+    out_dir: str = DEFAULT_OUT
+    label: str | None = None  # None: "<device>-<preset>"
+    timeout_s: float = 900.0  # per configuration
+    heartbeat_s: float = 1.0
+    watchdog_s: float = 5.0
+    deadline_floor_s: float = 30.0
+    compile: bool = False
+    seed: int = 0
+
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
+
+    def resolved_label(self) -> str:
+        return self.label or f"{self.device}-{self.preset}"
+
+    def launch_options(self, cfg: BenchConfig) -> LaunchOptions:
+        return LaunchOptions(
+            topology=cfg.topology, tp=cfg.tp, preset=self.preset, pipeline=self.pipeline, device=self.device,
+            dtype=self.resolved_dtype(), chunks=self.chunks + self.warmup_chunks,
+            recompute_every=self.recompute_every, warmup_chunks=self.mesh_warmup, seed=self.seed,
+            heartbeat_s=self.heartbeat_s, watchdog_s=self.watchdog_s, deadline_floor_s=self.deadline_floor_s,
+            compile=self.compile, timeout_s=self.timeout_s,
+        )
+
+
+def run_bench(
+    opts: BenchOptions,
+    launch_fn: Callable[[LaunchOptions], RunReport] = launch,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run every configuration in turn; rewrite the JSON / MD after each one (a cut-short run keeps
+    what it measured). Returns the result dict (also written)."""
+    configs = opts.configs if opts.configs is not None else default_configs(opts.device, gpu_count())
+    label = opts.resolved_label()
+    result: dict[str, Any] = {
+        "bench_version": BENCH_VERSION,
+        "label": label,
+        "machine": machine_info(opts.device),
+        "run": {
+            "preset": opts.preset, "pipeline": opts.pipeline, "device": opts.device, "dtype": opts.resolved_dtype(),
+            "chunks": opts.chunks, "warmup_chunks": opts.warmup_chunks, "mesh_warmup": opts.mesh_warmup,
+            "recompute_every": opts.recompute_every, "compile": opts.compile, "seed": opts.seed,
+            "configs": [c.name for c in configs], "started_unix": time.time(),
+        },
+        "preset_shape": preset_shape(opts.pipeline, opts.preset),
+        "configs": [],
+    }
+    for i, cfg in enumerate(configs, 1):
+        log(f"pp1 bench [{i}/{len(configs)}] {cfg.title} ({cfg.nproc} process(es)), preset {opts.preset}, "
+            f"{opts.warmup_chunks}+{opts.chunks} chunks ...")
+        lo = opts.launch_options(cfg)
+        with tempfile.TemporaryDirectory(prefix="pp1-bench-") as tmp:
+            lo.report_json = os.path.join(tmp, "report.json")
+            rep = launch_fn(lo)
+        res = config_result(cfg, rep, opts.warmup_chunks)
+        result["configs"].append(res)
+        x = res["metrics"]
+        if rep.ok:
+            log(f"pp1 bench [{i}/{len(configs)}] {cfg.name}: period p50 {_f(x['period_p50_ms'])} ms, "
+                f"{_f(x['video_fps'], 2)} fps, overlap {_f(x['overlap_score'], 2)} ({rep.wall_s:.1f} s)")
+        else:
+            log(f"pp1 bench [{i}/{len(configs)}] {cfg.name}: FAILED (exit {rep.exit_code}): {rep.failure}")
+            for line in rep.log_tail[-15:]:
+                log(f"    {line}")
+        result["run"]["finished_unix"] = time.time()
+        write_outputs(result, opts.out_dir, label)
+    return result
+
+
+# -- the CLI --------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--configs", default=None,
+                   help="comma list of TOPOLOGY:M, e.g. pp1:2,tp:2,tp:1 (pp1: front + TP=M; tp: pure TP=M). "
+                        "Default: CPU pp1:2,tp:2,tp:1,pp1:1; CUDA: all that fit the visible GPUs")
+    p.add_argument("--chunks", type=int, default=10, help="measured chunks per configuration (default 10)")
+    p.add_argument("--warmup-chunks", type=int, default=2,
+                   help="chunks driven first and dropped from the statistics (default 2)")
+    p.add_argument("--mesh-warmup", type=int, default=1, help="warmup chunks the leader runs before READY")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--recompute-every", type=int, default=1, help="K: KV recompute every K chunks (0 = never)")
+    p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--label", default=None, help="file name part: bench-<label>.json/.md (default <device>-<preset>)")
+    p.add_argument("--timeout-s", type=float, default=900.0, help="bound on each configuration's job")
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--watchdog-s", type=float, default=5.0)
+    p.add_argument("--deadline-floor-s", type=float, default=30.0)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    return BenchOptions(
+        preset=args.preset, configs=parse_configs(args.configs) if args.configs else None, chunks=args.chunks,
+        warmup_chunks=args.warmup_chunks, mesh_warmup=args.mesh_warmup, device=args.device, dtype=args.dtype,
+        recompute_every=args.recompute_every, pipeline=args.pipeline, out_dir=args.out, label=args.label,
+        timeout_s=args.timeout_s, heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s,
+        deadline_floor_s=args.deadline_floor_s, compile=args.compile, seed=args.seed,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        opts = options_from_args(args)
+    except ValueError as exc:
+        print(f"pp1 bench: {exc}", file=sys.stderr)
+        return 2
+    if opts.chunks < 2:
+        print("pp1 bench: --chunks must be >= 2 (a period needs two chunks)", file=sys.stderr)
+        return 2
+    if opts.configs is not None and opts.device == "cuda":
+        have = gpu_count()
+        too_big = [c.name for c in opts.configs if c.nproc > have]
+        if too_big:
+            print(f"pp1 bench: {', '.join(too_big)} need more GPUs than the {have} visible", file=sys.stderr)
+            return 2
+    if opts.device == "cuda" and not opts.configs and gpu_count() == 0:
+        print("pp1 bench: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    result = run_bench(opts)
+    print(markdown(result), flush=True)
+    label = opts.resolved_label()
+    print(f"pp1 bench: wrote {os.path.join(opts.out_dir, f'bench-{label}.json')} and .md", flush=True)
+    return 0 if all(c["ok"] for c in result["configs"]) else 1
