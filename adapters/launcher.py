@@ -174,11 +174,14 @@ def launch(
     with contextlib.suppress(OSError, ValueError), open(report_json) as f:
         report = json.load(f)
     rank, failure = _first_failure(events)
-    ok = code == 0 and bool(report.get("ok")) and failure is None
+    exits = [e for e in events if e.get("event") == "exit"]
+    # torchrun exits non-zero when it forwarded our SIGTERM; the ranks' own exits tell the truth
+    drained = asked_to_stop and len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)
+    ok = (code == 0 or drained) and bool(report.get("ok")) and failure is None
     if not ok and failure is None:
         failure = report.get("reason") or f"torchrun exited {code}"
     return RunReport(
-        ok=ok, exit_code=code if code != 0 or ok else 1, wall_s=time.monotonic() - t0,
+        ok=ok, exit_code=0 if ok else (code or 1), wall_s=time.monotonic() - t0,
         chunks=report.get("chunks", []), summary=report.get("summary", {}), startup_s=report.get("startup_s"),
         warmup_ms=report.get("warmup_ms", []), failure=None if ok else failure, failing_rank=None if ok else rank,
         events=events, log_tail=list(tail), report=report,
@@ -262,7 +265,7 @@ class _Printer:
                    f"{fps:.2f} fps" if isinstance(fps, (int, float)) else f"summary: {ev.get('chunks')} chunks")
             self.p(f"         period p50 {_fmt(ev.get('period_p50_ms'), width=1)}, p99 "
                    f"{_fmt(ev.get('period_p99_ms'), width=1)}, time to first frame "
-                   f"{_fmt(ttff, 's', 1) if ttff is not None else '-'}")
+                   f"{f'{ttff:.3f} s' if isinstance(ttff, (int, float)) else '-'}")
 
     def p(self, s: str) -> None:
         print(s, file=self.out, flush=True)
