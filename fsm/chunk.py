@@ -7,8 +7,9 @@ The engine's loop (one comms thread owns the PP channel) and every ordering it r
     m = ChunkMachine(rank=0, chunk_frames=g.latent_frames, window=g.max_context_frames,
                      timesteps=factory.timesteps(preset), recompute_every=cfg.recompute_every, ...)
     while True:
-        # 1. between steps only: apply what other threads asked for (m.hard_cut(reason),
-        #    m.request_stop()); both are legal in every live state.
+        # 1. between steps only: apply what other threads asked for: m.request_stop() (legal in
+        #    every live state, idempotent), m.hard_cut(reason) (every live state but stopping:
+        #    check m.can_fire("cut")).
         # 2. send at most one envelope (overlap depth 1):
         if m.state == "closing":  plan = m.plan_shutdown()            # stop was requested, nothing in flight
         elif m.state == "idle" and have_prompt:  plan = m.plan_next(now)   # next chunk (or the retry)
