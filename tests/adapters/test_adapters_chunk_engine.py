@@ -1,0 +1,175 @@
+"""The front's chunk engine in one process: the in-process leader of pure TP (mesh of 1, stand-in
+pipeline, no torch.distributed) or a scripted link. Checks the loop's orderings, not speeds."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from pp1.adapters.chunk_engine import ChunkEngine
+from pp1.adapters.faults import FaultPlan, parse_faults
+from pp1.adapters.front_main import make_machine
+from pp1.adapters.leader_main import LeaderDriver, make_relay
+from pp1.adapters.runtime import ChannelPoisoned, DistributedRuntime
+from pp1.adapters.standin import factory
+from pp1.adapters.startup import Loaded
+from pp1.adapters.tp_channel import TPControlPlane
+from pp1.adapters.tp_main import LocalLink, LocalSink
+from pp1.pipelines.comm import SoloCommunicator
+from pp1.protocol.config import RunConfig
+from pp1.protocol.messages import T_CONTEXT, Action, ErrorCode, PPResultV1
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+def _setup(faults: str = "", recompute_every: int = 1):
+    cfg = RunConfig(topology="tp", world_size=1, mesh_global_ranks=(0,), recompute_every=recompute_every,
+                    heartbeat_s=0.2, watchdog_s=1.0, warmup_chunks=1, deadline_floor_s=5.0)
+    rt = DistributedRuntime(cfg, rank=0, world_size=1)
+    fac = factory()
+    gen = fac.build_generator("tiny", 0, 1, SoloCommunicator(), CPU, F32)
+    loaded = Loaded(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
+                    stage0=fac.build_stage0("tiny", CPU, F32), generator=gen, fingerprint=gen.fingerprint())
+    plan = FaultPlan(0, parse_faults(faults))
+    sink = LocalSink()
+    relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)
+    driver = LeaderDriver(rt, relay, gen, TPControlPlane(rt, loaded.geometry), sink, plan, recv_timeout_s=None)
+    assert driver.execute(relay.start_warmup()) is None and sink.ready is not None
+    return cfg, rt, loaded, plan, LocalLink(driver, sink, loaded), relay
+
+
+class SpyLink:
+    def __init__(self, inner, log: list) -> None:
+        self.inner, self.log, self.sent = inner, log, []
+
+    def send(self, env, tensors, preflight=True, timeout_s=None):
+        self.inner.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
+        self.sent.append((env, list(tensors)))
+        self.log.append(f"send {env.action.value} {env.chunk_index}")
+
+    def recv(self, deadline_at):
+        res, tensors = self.inner.recv(deadline_at)
+        self.log.append(f"recv {res.action.value} {res.chunk_index}")
+        return res, tensors
+
+
+class SpyStage0:
+    def __init__(self, inner, log: list) -> None:
+        self.inner, self.log, self.geometry = inner, log, inner.geometry
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, latents, first_chunk):
+        self.log.append("decode")
+        return self.inner.decode(latents, first_chunk)
+
+
+def _engine(faults: str = "", chunks: int = 4, log: list | None = None, recompute_every: int = 1):
+    cfg, rt, loaded, plan, link, relay = _setup(faults, recompute_every)
+    log = [] if log is None else log
+    spy = SpyLink(link, log)
+    eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), spy, SpyStage0(loaded.stage0, log),
+                      loaded.geometry, faults=plan, max_chunks=chunks)
+    return eng, spy, relay
+
+
+def test_runs_chunks_with_the_recompute_schedule_then_shuts_down() -> None:
+    eng, spy, relay = _engine(chunks=4)
+    out = eng.run()
+    assert out.ok and out.state == "stopped"
+    assert [r.chunk_index for r in out.records] == [0, 1, 2, 3]
+    assert [r.recompute for r in out.records] == [False, True, True, True]
+    assert [r.frames for r in out.records] == [9, 12, 12, 12]
+    assert spy.sent[-1][0].action is Action.SHUTDOWN and relay.state == "exited"
+
+
+def test_overlap_submits_the_next_chunk_before_decoding_the_last() -> None:
+    log: list[str] = []
+    eng, _, _ = _engine(chunks=3, log=log)
+    assert eng.run().ok
+    infer = [x for x in log if "noop" not in x]
+    assert infer == ["send infer 0", "recv infer 0", "send infer 1", "decode", "recv infer 1", "send infer 2",
+                     "decode", "recv infer 2", "send shutdown 0", "decode", "recv shutdown 0"]
+
+
+def test_context_frames_are_the_previous_latents() -> None:
+    eng, spy, _ = _engine(chunks=3)
+    results: list[torch.Tensor] = []
+    orig = spy.recv
+
+    def recv(deadline_at):
+        res, tensors = orig(deadline_at)
+        results.append(tensors[0] if tensors else None)
+        return res, tensors
+
+    spy.recv = recv
+    assert eng.run().ok
+    env2, tensors2 = next((e, t) for e, t in spy.sent if e.action is Action.INFER and e.chunk_index == 2)
+    ctx = tensors2[list(env2.tensor_names()).index(T_CONTEXT)]
+    assert ctx.shape[1] == 6  # two chunks of 3 latent frames, the window
+    assert torch.equal(ctx, torch.cat([results[0], results[1]], dim=1))
+
+
+def test_invalid_envelope_is_answered_not_relayed_and_retried() -> None:
+    eng, spy, relay = _engine("rank=0,at=chunk:1,do=corrupt_envelope", chunks=4)
+    out = eng.run()
+    assert out.ok and out.stats["retries"] == 1
+    assert [(r.cache_epoch, r.chunk_index) for r in out.records] == [(0, 0), (1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic warns about the NaN seed we planted
+def test_unserialisable_and_bad_dtype_are_refused_before_sending() -> None:
+    eng, spy, relay = _engine("rank=0,at=chunk:1,do=unserialisable;rank=0,at=chunk:2,do=bad_dtype", chunks=4)
+    out = eng.run()
+    assert out.ok and out.stats["retries"] == 0
+    assert [r.chunk_index for r in out.records] == [0, 1, 2, 3]
+    ids = [e.call_id for e, _ in spy.sent]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert max(ids) - min(ids) + 1 == len(ids) + 2  # two call_ids were burned, nothing of them sent
+
+
+class ScriptedLink:
+    """Answers every envelope from a script: a PPResultV1 factory, or an exception to raise."""
+
+    def __init__(self, script) -> None:
+        self.script, self.sent, self.pending = script, [], None
+
+    def send(self, env, tensors, preflight=True, timeout_s=None):
+        self.sent.append(env)
+        self.pending = env
+
+    def recv(self, deadline_at):
+        assert deadline_at is not None  # every wait on the front has a deadline
+        env, self.pending = self.pending, None
+        answer = self.script(env)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer, []
+
+
+def _scripted(script, chunks: int = 3):
+    cfg, rt, loaded, plan, _, _ = _setup()
+    link = ScriptedLink(script)
+    eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), link, loaded.stage0, loaded.geometry,
+                      max_chunks=chunks)
+    return eng, link
+
+
+def test_missed_deadline_poisons_and_sends_nothing_more() -> None:
+    eng, link = _scripted(lambda env: ChannelPoisoned("pp_header", "no data within 0.1 s"))
+    eng.m.deadline_floor_s = 0.0  # due at once
+    out = eng.run()
+    assert not out.ok and out.poisoned and len(link.sent) == 1  # no farewell on a poisoned channel
+
+
+def test_mesh_failed_result_fails_and_says_farewell() -> None:
+    def script(env):
+        return PPResultV1(action=env.action, ok=False, error_code=ErrorCode.MESH_FAILED, error_message="x",
+                          call_id=env.call_id, chunk_index=env.chunk_index, cache_epoch=env.cache_epoch)
+
+    eng, link = _scripted(script)
+    out = eng.run()
+    assert not out.ok and not out.poisoned and "mesh_failed" in out.reason
+    assert [e.action for e in link.sent] == [Action.INFER, Action.SHUTDOWN]
