@@ -1,0 +1,160 @@
+"""In-process speed measurements of a pipeline (no torch.distributed): numbers for specs/, not tests.
+
+    python -m pp1.pipelines.measure chunks --preset tiny --mesh-size 1 2     # stage 0 + generator per chunk
+    python -m pp1.pipelines.measure shards --preset krea-14b-shape --mesh-size 3 --scale 8
+        # one block's compute per TP rank (uneven 14/13/13 vs even splits); --scale 8 shrinks
+        # head_dim, FFN and tokens by 8 (CPU), --scale 1 is the real shape (GPU)
+
+Multi-GPU numbers (NCCL all-reduces included) come from ``pp1 bench`` on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from .comm import SoloCommunicator
+from .loader import DEFAULT_PIPELINE, load_factory
+from .local_loop import ChunkSchedule, build_mesh, mesh_runner, run_loop
+from .threaded_comm import ThreadedMesh
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_chunks(
+    pipeline: str, preset: str, mesh_size: int, chunks: int, device: torch.device, dtype: torch.dtype,
+    recompute_every: int = 2,
+) -> dict[str, float | int | str]:
+    """Median ms per chunk of the generator (with and without recompute) and of stage 0's decode."""
+    factory = load_factory(pipeline)
+    stage0 = factory.build_stage0(preset, device, dtype)
+    with ThreadedMesh(mesh_size) as mesh:
+        gens = build_mesh(factory, preset, mesh, device, dtype)
+        sched = ChunkSchedule(stage0.geometry, factory.timesteps(preset), seed=0, recompute_every=recompute_every)
+        res = run_loop(stage0, mesh_runner(mesh, gens), sched, "a red fox running through snow", chunks)
+    rec = [t["generator"] for t, c in zip(res.timings_ms, res.calls, strict=True) if c.do_kv_recompute][1:]
+    plain = [t["generator"] for t, c in zip(res.timings_ms, res.calls, strict=True) if not c.do_kv_recompute][2:]
+    decode = [t["decode"] for t in res.timings_ms[2:]]
+    med = statistics.median
+    return {
+        "preset": preset, "mesh_size": mesh_size, "threads": torch.get_num_threads(), "chunks": chunks,
+        "generator_ms": round(med(plain), 1) if plain else float("nan"),
+        "generator_recompute_ms": round(med(rec), 1) if rec else float("nan"),
+        "decode_ms": round(med(decode), 1),
+        "frames_per_chunk": int(res.frames[-1].shape[0]),
+    }
+
+
+def _time_block(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median ms of one block forward owning ``heads`` heads and ``ffn`` FFN columns (compute only)."""
+    from .reference.blocks import BlockShard
+    from .reference.kv_cache import RollingKVCache
+    from .reference.rope import rope_tables
+    from .reference.weights import WeightSource
+
+    with torch.inference_mode():
+        block = BlockShard(cfg, _SlicedPlan(cfg, heads, ffn), WeightSource(cfg.weight_seed, device, dtype), 0)  # type: ignore[arg-type]
+        tpf, t = cfg.tokens_per_frame, cfg.latent_frames
+        cache = RollingKVCache(1, heads, cfg.head_dim, tpf, cfg.kv_window_frames, t, device, dtype)
+        cache.written = cache.next_slot = cache.window_frames  # a full window: attend window + chunk
+        x = torch.randn(t * tpf, cfg.dim, device=device)
+        e0 = torch.randn(6, cfg.dim, device=device) * 0.1
+        rope = rope_tables(100, t, cfg.grid, cfg.head_dim, device)
+        text_kv = block.cross_kv(torch.randn(cfg.text_len, cfg.dim, device=device, dtype=dtype))
+        solo = SoloCommunicator()
+        return _median_ms(lambda: block.forward(x, e0, rope, cache, text_kv, solo), device, repeats)
+
+
+def measure_block_shards(
+    preset: str, mesh_size: int, device: torch.device, dtype: torch.dtype, scale: int = 1, repeats: int = 10,
+) -> list[dict[str, float | int | str]]:
+    """One block's forward (no all-reduce: compute only) for each distinct rank shard of the split,
+    and for the whole block (TP=1), with a full KV window (window + chunk frames of keys).
+
+    ``scale`` divides head_dim, FFN and the tokens per frame (so ~scale**3 less work) for CPU runs."""
+    from .reference.presets import PATCH, VAE_SPATIAL, get_preset
+    from .reference.sharding import split_sizes
+
+    base = get_preset(preset)
+    gh, gw = (max(1, round(g / scale**0.5)) for g in base.grid)  # tokens per frame / ~scale
+    cfg = dataclasses.replace(
+        base, dim=base.dim // scale, ffn_dim=base.ffn_dim // scale, num_blocks=1,
+        video_height=gh * VAE_SPATIAL * PATCH[1], video_width=gw * VAE_SPATIAL * PATCH[2],
+    )
+    shards = list(zip(split_sizes(cfg.num_heads, mesh_size), split_sizes(cfg.ffn_dim, mesh_size), strict=True))
+    cases = [(f"rank {r}", h, f) for r, (h, f) in enumerate(shards) if (h, f) not in shards[:r]]
+    cases.append(("tp1 (whole block)", cfg.num_heads, cfg.ffn_dim))
+    tokens = cfg.latent_frames * cfg.tokens_per_frame
+    return [
+        {"shard": label, "heads": h, "ffn": f, "block_ms": round(_time_block(cfg, h, f, device, dtype, repeats), 3),
+         "tokens": tokens, "kv_tokens": (cfg.kv_window_frames + cfg.latent_frames) * cfg.tokens_per_frame,
+         "dim": cfg.dim}
+        for label, h, f in cases
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlicedPlan:
+    cfg: object
+    local_heads: int
+    local_ffn: int
+
+    @property
+    def head_features(self) -> tuple[int, int]:
+        return 0, self.local_heads * self.cfg.head_dim  # type: ignore[attr-defined]
+
+    @property
+    def ffn_cols(self) -> tuple[int, int]:
+        return 0, self.local_ffn
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pp1.pipelines.measure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["chunks", "shards"])
+    p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--mesh-size", type=int, nargs="+", default=[1])
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    p.add_argument("--scale", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    for n in args.mesh_size:
+        if args.what == "chunks":
+            print(json.dumps(measure_chunks(args.pipeline, args.preset, n, args.chunks, device, dtype)))
+        else:
+            for row in measure_block_shards(args.preset, n, device, dtype, args.scale, args.repeats):
+                print(json.dumps({"preset": args.preset, "mesh_size": n, "scale": args.scale, **row}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
