@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from .peak_memory import peak_bytes, peaks_by_rank
 DEFAULT_OUT = os.path.join("specs", "bench")
 TOPOLOGIES = ("pp1", "tp")
 BENCH_VERSION = 1
+MIN_CONFIG_S = 30.0  # with a budget: a configuration is not started with less than this left
 
 OVERLAP_NOTE = (
     "Overlap = max(stage 0, mesh) / period (medians). 1.0: the period is set by the slower of the two "
@@ -82,16 +84,23 @@ def parse_configs(text: str) -> list[BenchConfig]:
 
 
 def default_configs(device: str, gpu_count: int = 0) -> list[BenchConfig]:
-    """CPU: PP1 front + TP=2, pure TP=2, TP=1 (single process), PP1 front + TP=1. CUDA with G GPUs:
-    every PP1 front + TP=M with M in {1, 2, 4, G-1} and every pure TP=M with M in {1, 2, 4, 8, G-1, G}
-    that fits (PP1 needs M+1 GPUs), largest first; e.g. G=4: pp1:3, tp:4, tp:3, pp1:2, tp:2, pp1:1, tp:1."""
+    """CPU: PP1 front + TP=2, pure TP=2, TP=1 (single process), PP1 front + TP=1.
+
+    CUDA with G GPUs, most telling first (a bench cut short by its budget keeps those): PP1 front +
+    TP=G-1, pure TP=G, pure TP=G-1 (the same mesh without the front), TP=1 (the baseline), then PP1
+    front + TP=M for M in {1, 2, 4} and pure TP=M for M in {2, 4, 8}, largest first; only what fits (PP1
+    needs M+1 GPUs). G=4: pp1:3, tp:4, tp:3, tp:1, pp1:2, tp:2, pp1:1."""
     if device != "cuda":
         return [BenchConfig("pp1", 2), BenchConfig("tp", 2), BenchConfig("tp", 1), BenchConfig("pp1", 1)]
     g = max(0, gpu_count)
-    pp1 = {m for m in (1, 2, 4, g - 1) if m >= 1 and m + 1 <= g}
-    tp = {m for m in (1, 2, 4, 8, g - 1, g) if 1 <= m <= g}
-    out = [BenchConfig("pp1", m) for m in pp1] + [BenchConfig("tp", m) for m in tp]
-    return sorted(out, key=lambda c: (-c.nproc, c.topology != "pp1"))
+    first = [BenchConfig("pp1", g - 1), BenchConfig("tp", g), BenchConfig("tp", g - 1), BenchConfig("tp", 1)]
+    rest = [BenchConfig("pp1", m) for m in (4, 2, 1)] + [BenchConfig("tp", m) for m in (8, 4, 2)]
+    rest.sort(key=lambda c: (-c.tp, c.topology != "pp1"))
+    out: list[BenchConfig] = []
+    for c in first + rest:
+        if c.tp >= 1 and c.nproc <= g and c not in out:
+            out.append(c)
+    return out
 
 
 # -- metrics ------------------------------------------------------------------------------------------
@@ -122,7 +131,7 @@ def compute_metrics(report: dict[str, Any], warmup_chunks: int) -> dict[str, Any
     Times in ms (medians over the steady chunks) unless named ``_s``. ``video_fps`` = frames of the
     steady chunks / the sum of their periods (each period: from the previous shown chunk's frames to
     this one's). ``stage0_ms`` is the front's decode of a chunk; ``pp_overhead_ms`` = round trip -
-    the leader's own time (0 under pure TP: there is no PP channel)."""
+    the leader's own time (under pure TP: the in-process hand-over, no PP channel)."""
     chunks = list(report.get("chunks") or [])
     steady = steady_chunks(chunks, warmup_chunks)
     periods = [float(c["period_ms"]) for c in steady if isinstance(c.get("period_ms"), (int, float))]
@@ -208,6 +217,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the host skews CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def gpu_names() -> list[str]:
@@ -307,7 +324,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Preset `{run['preset']}`, dtype {run['dtype']}, device {run['device']}{gpus}; "
         f"{m.get('cpu_usable')} usable CPU cores ({m.get('cpu_model')}); torch {m.get('torch')}. "
         f"{run['chunks']} measured chunks after {run['warmup_chunks']} dropped; KV recompute every "
-        f"{run['recompute_every']} chunk(s).",
+        f"{run['recompute_every']} chunk(s). Host load average at start: {run.get('load_avg_start')}.",
         "",
         "| config | ranks | period p50 (ms) | period p99 (ms) | video fps | mesh (ms) | stage 0 (ms) "
         "| PP overhead (ms) | overlap | first frame (s) | peak memory per rank | status |",
@@ -315,7 +332,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for c in result["configs"]:
         x = c["metrics"]
-        status = "ok" if c["ok"] else f"FAILED: {str(c.get('failure') or '')[:80]}"
+        status = "ok" if c["ok"] else ("skipped (budget)" if c.get("skipped") else
+                                       f"FAILED: {str(c.get('failure') or '')[:80]}")
         lines.append(
             f"| {c['title']} (`{c['config']}`) | {c['nproc']} | {_f(x['period_p50_ms'])} | {_f(x['period_p99_ms'])} "
             f"| {_f(x['video_fps'], 2)} | {_f(x['mesh_ms'])} | {_f(x['stage0_ms'])} | {_f(x['pp_overhead_ms'], 2)} "
@@ -327,8 +345,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Period: time between the frames of consecutive chunks reaching the front (p50 / p99 over the "
         "measured chunks); video fps = their frames / the sum of their periods. Mesh: the leader's "
-        "generator time per chunk; stage 0: the front's decode of a chunk; PP overhead: front round trip "
-        "- the leader's own time (pure TP has none). First frame: from READY to the first chunk's frames. "
+        "generator time per chunk; stage 0: the front's decode of a chunk; PP overhead: the front's round "
+        "trip minus the leader's own time (pure TP: the in-process hand-over: noise, checks, encoding). "
+        "First frame: from READY to the first chunk's frames. "
         "Peak memory: CUDA max allocated (GPU) or max RSS (CPU), per global rank.",
         "",
     ]
@@ -364,6 +383,7 @@ class BenchOptions:
     out_dir: str = DEFAULT_OUT
     label: str | None = None  # None: "<device>-<preset>"
     timeout_s: float = 900.0  # per configuration
+    budget_s: float | None = None  # the whole bench: later configurations are skipped, the running one cut
     heartbeat_s: float = 1.0
     watchdog_s: float = 5.0
     deadline_floor_s: float = 30.0
@@ -403,18 +423,35 @@ def run_bench(
             "preset": opts.preset, "pipeline": opts.pipeline, "device": opts.device, "dtype": opts.resolved_dtype(),
             "chunks": opts.chunks, "warmup_chunks": opts.warmup_chunks, "mesh_warmup": opts.mesh_warmup,
             "recompute_every": opts.recompute_every, "compile": opts.compile, "seed": opts.seed,
-            "configs": [c.name for c in configs], "started_unix": time.time(),
+            "configs": [c.name for c in configs], "started_unix": time.time(), "load_avg_start": _loadavg(),
         },
         "preset_shape": preset_shape(opts.pipeline, opts.preset),
         "configs": [],
     }
+    t0 = time.monotonic()
     for i, cfg in enumerate(configs, 1):
-        log(f"pp1 bench [{i}/{len(configs)}] {cfg.title} ({cfg.nproc} process(es)), preset {opts.preset}, "
-            f"{opts.warmup_chunks}+{opts.chunks} chunks ...")
         lo = opts.launch_options(cfg)
+        if opts.budget_s is not None:
+            left = opts.budget_s - (time.monotonic() - t0)
+            if left < MIN_CONFIG_S:
+                log(f"pp1 bench [{i}/{len(configs)}] {cfg.name}: skipped ({left:.0f} s of the budget left)")
+                res = config_result(cfg, RunReport(ok=False, exit_code=0, wall_s=0.0, failure="skipped: budget spent"),
+                                    opts.warmup_chunks)
+                res["skipped"] = True
+                result["configs"].append(res)
+                write_outputs(result, opts.out_dir, label)
+                continue
+            lo.timeout_s = min(lo.timeout_s, left)
+        log(f"pp1 bench [{i}/{len(configs)}] {cfg.title} ({cfg.nproc} process(es)), preset {opts.preset}, "
+            f"{opts.warmup_chunks}+{opts.chunks} chunks, bound {lo.timeout_s:.0f} s ...")
         with tempfile.TemporaryDirectory(prefix="pp1-bench-") as tmp:
             lo.report_json = os.path.join(tmp, "report.json")
-            rep = launch_fn(lo)
+            try:
+                rep = launch_fn(lo)
+            except KeyboardInterrupt:  # launch() killed the job's process group on the way out
+                result["run"]["interrupted"] = True
+                write_outputs(result, opts.out_dir, label)
+                raise
         res = config_result(cfg, rep, opts.warmup_chunks)
         result["configs"].append(res)
         x = res["metrics"]
@@ -425,6 +462,7 @@ def run_bench(
             log(f"pp1 bench [{i}/{len(configs)}] {cfg.name}: FAILED (exit {rep.exit_code}): {rep.failure}")
             for line in rep.log_tail[-15:]:
                 log(f"    {line}")
+        res["load_avg_after"] = _loadavg()
         result["run"]["finished_unix"] = time.time()
         write_outputs(result, opts.out_dir, label)
     return result
@@ -449,6 +487,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--label", default=None, help="file name part: bench-<label>.json/.md (default <device>-<preset>)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound on each configuration's job")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="bound on the whole bench: the running job is cut at it, later ones are skipped")
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--watchdog-s", type=float, default=5.0)
     p.add_argument("--deadline-floor-s", type=float, default=30.0)
@@ -461,7 +501,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         preset=args.preset, configs=parse_configs(args.configs) if args.configs else None, chunks=args.chunks,
         warmup_chunks=args.warmup_chunks, mesh_warmup=args.mesh_warmup, device=args.device, dtype=args.dtype,
         recompute_every=args.recompute_every, pipeline=args.pipeline, out_dir=args.out, label=args.label,
-        timeout_s=args.timeout_s, heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s,
+        timeout_s=args.timeout_s, budget_s=args.budget_s, heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s,
         deadline_floor_s=args.deadline_floor_s, compile=args.compile, seed=args.seed,
     )
 
@@ -484,8 +524,20 @@ def main(args: argparse.Namespace) -> int:
     if opts.device == "cuda" and not opts.configs and gpu_count() == 0:
         print("pp1 bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
-    result = run_bench(opts)
-    print(markdown(result), flush=True)
     label = opts.resolved_label()
-    print(f"pp1 bench: wrote {os.path.join(opts.out_dir, f'bench-{label}.json')} and .md", flush=True)
+    path = os.path.join(opts.out_dir, f"bench-{label}")
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = run_bench(opts)
+    except KeyboardInterrupt:
+        print(f"pp1 bench: interrupted; what was measured is in {path}.json / .md", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(markdown(result), flush=True)
+    print(f"pp1 bench: wrote {path}.json and {path}.md", flush=True)
     return 0 if all(c["ok"] for c in result["configs"]) else 1

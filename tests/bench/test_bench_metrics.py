@@ -71,9 +71,10 @@ def test_config_parsing_and_defaults() -> None:
         with pytest.raises(ValueError):
             BenchConfig.parse(bad)
     assert [c.name for c in default_configs("cpu")] == ["pp1:2", "tp:2", "tp:1", "pp1:1"]
-    four = [c.name for c in default_configs("cuda", 4)]
-    assert four[:2] == ["pp1:3", "tp:4"] and set(four) == {"pp1:3", "tp:4", "tp:3", "pp1:2", "tp:2", "pp1:1", "tp:1"}
-    assert all(c.nproc <= 8 for c in default_configs("cuda", 8))
+    assert [c.name for c in default_configs("cuda", 4)] == ["pp1:3", "tp:4", "tp:3", "tp:1", "pp1:2", "tp:2", "pp1:1"]
+    assert [c.name for c in default_configs("cuda", 2)] == ["pp1:1", "tp:2", "tp:1"]
+    eight = default_configs("cuda", 8)
+    assert all(c.nproc <= 8 for c in eight) and len(set(eight)) == len(eight) and eight[0].name == "pp1:7"
     assert [c.name for c in default_configs("cuda", 1)] == ["tp:1"]
     assert default_configs("cuda", 0) == []
 
@@ -114,3 +115,13 @@ def test_run_bench_writes_json_and_markdown(tmp_path) -> None:
     assert md == markdown(data)
     assert "| PP1 front + TP=2 (`pp1:2`) | 3 | 100.0 | 200.0 | 90.00 | 80.0 | 10.0 | 2.00 | 0.80 | 0.25 |" in md
     assert "r0 1 / r1 2 / r2 3 MiB" in md and "FAILED: rank 0 (leader): boom" in md and "Overlap = " in md
+
+
+def test_budget_spent_skips_configurations(tmp_path) -> None:
+    def never(lo: LaunchOptions) -> RunReport:
+        raise AssertionError("no job may start without budget")
+
+    opts = BenchOptions(configs=parse_configs("tp:1,tp:2"), out_dir=str(tmp_path), label="b", budget_s=0.0)
+    result = run_bench(opts, launch_fn=never, log=lambda s: None)
+    assert [c["skipped"] for c in result["configs"]] == [True, True]
+    assert "skipped (budget)" in (tmp_path / "bench-b.md").read_text()
