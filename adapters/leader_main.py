@@ -33,7 +33,7 @@ from pp1.protocol.tensors import TensorSpec
 
 from .faults import FaultPlan
 from .observe import emit_event, set_state
-from .pp_channel import PPControlPlane
+from .pp_channel import PING_CALL_ID, PPControlPlane
 from .runtime import ChannelPoisoned, DistributedRuntime, PeerLost
 from .shard import run_shard, warmup_tensors
 from .startup import Loaded, RankExit
@@ -156,11 +156,13 @@ def _first_exit(intents: list[Intent]) -> Exit:
     return Exit(EXIT_FAILED, "fatal")
 
 
-def make_relay(rt: DistributedRuntime, loaded: Loaded, cfg, watchdog: bool, clock: Callable[[], float]) -> LeaderRelay:  # type: ignore[no-untyped-def]
+def make_relay(rt: DistributedRuntime, loaded: Loaded, cfg, watchdog: bool, clock: Callable[[], float],  # type: ignore[no-untyped-def]
+               last_call_id: int | None = None) -> LeaderRelay:
     return LeaderRelay(
         rt.rank, loaded.geometry, rt.mesh_size, timesteps=loaded.timesteps, warmup_chunks=cfg.warmup_chunks,
         recompute_every=cfg.recompute_every, seed=cfg.seed, fingerprint=loaded.fingerprint,
-        watchdog_s=cfg.watchdog_s if watchdog else None, now=clock(), role=rt.role, mesh_rank=rt.mesh_rank,
+        watchdog_s=cfg.watchdog_s if watchdog else None, now=clock(), last_call_id=last_call_id, role=rt.role,
+        mesh_rank=rt.mesh_rank,
     )
 
 
@@ -195,7 +197,7 @@ def serve(
     pp.warm(warm_timeout)
     lc.fire("channels_warm")
     set_state(lc.state)
-    relay = make_relay(rt, loaded, cfg, watchdog=True, clock=clock)
+    relay = make_relay(rt, loaded, cfg, watchdog=True, clock=clock, last_call_id=PING_CALL_ID)
     driver = LeaderDriver(rt, relay, loaded.generator, tp, PPSink(pp), faults, recv_timeout_s=cfg.watchdog_s,
                           clock=clock)
     warmup(driver, lc, faults)
