@@ -67,8 +67,8 @@ def measure_chunks(
     }
 
 
-def _time_block(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    """Median ms of one block forward owning ``heads`` heads and ``ffn`` FFN columns (compute only)."""
+def _block_runner(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype) -> Callable[[], object]:  # type: ignore[no-untyped-def]
+    """One block forward owning ``heads`` heads and ``ffn`` FFN columns, full KV window, no all-reduce."""
     from .reference.blocks import BlockShard
     from .reference.kv_cache import RollingKVCache
     from .reference.rope import rope_tables
@@ -83,8 +83,13 @@ def _time_block(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dt
         e0 = torch.randn(6, cfg.dim, device=device) * 0.1
         rope = rope_tables(100, t, cfg.grid, cfg.head_dim, device)
         text_kv = block.cross_kv(torch.randn(cfg.text_len, cfg.dim, device=device, dtype=dtype))
-        solo = SoloCommunicator()
-        return _median_ms(lambda: block.forward(x, e0, rope, cache, text_kv, solo), device, repeats)
+    solo = SoloCommunicator()
+
+    def run() -> object:
+        with torch.inference_mode():
+            return block.forward(x, e0, rope, cache, text_kv, solo)
+
+    return run
 
 
 def measure_block_shards(
@@ -93,6 +98,7 @@ def measure_block_shards(
     """One block's forward (no all-reduce: compute only) for each distinct rank shard of the split,
     and for the whole block (TP=1), with a full KV window (window + chunk frames of keys).
 
+    The cases run interleaved (round robin) so a noisy machine slows them alike; median and min.
     ``scale`` divides head_dim, FFN and the tokens per frame (so ~scale**3 less work) for CPU runs."""
     from .reference.presets import PATCH, VAE_SPATIAL, get_preset
     from .reference.sharding import split_sizes
@@ -106,12 +112,19 @@ def measure_block_shards(
     shards = list(zip(split_sizes(cfg.num_heads, mesh_size), split_sizes(cfg.ffn_dim, mesh_size), strict=True))
     cases = [(f"rank {r}", h, f) for r, (h, f) in enumerate(shards) if (h, f) not in shards[:r]]
     cases.append(("tp1 (whole block)", cfg.num_heads, cfg.ffn_dim))
+    runners = [_block_runner(cfg, h, f, device, dtype) for _, h, f in cases]
+    for run in runners:
+        _median_ms(run, device, repeats=1, warmup=2)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, run in enumerate(runners):
+            times[i].append(_median_ms(run, device, repeats=1, warmup=0))
     tokens = cfg.latent_frames * cfg.tokens_per_frame
     return [
-        {"shard": label, "heads": h, "ffn": f, "block_ms": round(_time_block(cfg, h, f, device, dtype, repeats), 3),
-         "tokens": tokens, "kv_tokens": (cfg.kv_window_frames + cfg.latent_frames) * cfg.tokens_per_frame,
-         "dim": cfg.dim}
-        for label, h, f in cases
+        {"shard": label, "heads": h, "ffn": f, "block_ms": round(statistics.median(ts), 3),
+         "block_ms_min": round(min(ts), 3), "tokens": tokens,
+         "kv_tokens": (cfg.kv_window_frames + cfg.latent_frames) * cfg.tokens_per_frame, "dim": cfg.dim}
+        for (label, h, f), ts in zip(cases, times, strict=True)
     ]
 
 
