@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -334,6 +335,8 @@ def markdown(result: dict[str, Any]) -> str:
         x = c["metrics"]
         status = "ok" if c["ok"] else ("skipped (budget)" if c.get("skipped") else
                                        f"FAILED: {str(c.get('failure') or '')[:80]}")
+        if c.get("interrupted"):
+            status += " (interrupted)"
         lines.append(
             f"| {c['title']} (`{c['config']}`) | {c['nproc']} | {_f(x['period_p50_ms'])} | {_f(x['period_p99_ms'])} "
             f"| {_f(x['video_fps'], 2)} | {_f(x['mesh_ms'])} | {_f(x['stage0_ms'])} | {_f(x['pp_overhead_ms'], 2)} "
@@ -406,13 +409,20 @@ class BenchOptions:
         )
 
 
+def _launch(lo: LaunchOptions, stop: threading.Event) -> RunReport:
+    return launch(lo, stop=stop)
+
+
 def run_bench(
     opts: BenchOptions,
-    launch_fn: Callable[[LaunchOptions], RunReport] = launch,
+    launch_fn: Callable[[LaunchOptions, threading.Event], RunReport] = _launch,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run every configuration in turn; rewrite the JSON / MD after each one (a cut-short run keeps
-    what it measured). Returns the result dict (also written)."""
+    what it measured). Setting ``stop`` drains the running job (launch() sends SIGTERM to torchrun,
+    which forwards it to every rank) and ends the bench after it. Returns the result dict (also written)."""
+    stop = stop or threading.Event()
     configs = opts.configs if opts.configs is not None else default_configs(opts.device, gpu_count())
     label = opts.resolved_label()
     result: dict[str, Any] = {
@@ -430,6 +440,9 @@ def run_bench(
     }
     t0 = time.monotonic()
     for i, cfg in enumerate(configs, 1):
+        if stop.is_set():
+            result["run"]["interrupted"] = True
+            break
         lo = opts.launch_options(cfg)
         if opts.budget_s is not None:
             left = opts.budget_s - (time.monotonic() - t0)
@@ -447,12 +460,15 @@ def run_bench(
         with tempfile.TemporaryDirectory(prefix="pp1-bench-") as tmp:
             lo.report_json = os.path.join(tmp, "report.json")
             try:
-                rep = launch_fn(lo)
-            except KeyboardInterrupt:  # launch() killed the job's process group on the way out
+                rep = launch_fn(lo, stop)
+            except KeyboardInterrupt:  # a second signal: launch() killed torchrun on the way out
                 result["run"]["interrupted"] = True
                 write_outputs(result, opts.out_dir, label)
                 raise
         res = config_result(cfg, rep, opts.warmup_chunks)
+        if stop.is_set():
+            res["interrupted"] = True
+            result["run"]["interrupted"] = True
         result["configs"].append(res)
         x = res["metrics"]
         if rep.ok:
@@ -527,17 +543,28 @@ def main(args: argparse.Namespace) -> int:
     label = opts.resolved_label()
     path = os.path.join(opts.out_dir, f"bench-{label}")
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    stop = threading.Event()
 
-    old = signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum: int, _frame: Any) -> None:
+        """First signal: drain the running job (its ranks get SIGTERM through torchrun), run no more.
+        Second: give up at once (launch() kills torchrun)."""
+        if stop.is_set():
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        print(f"pp1 bench: {signal.Signals(signum).name}: draining the running job, then stopping",
+              file=sys.stderr, flush=True)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = run_bench(opts)
+        result = run_bench(opts, stop=stop)
     except KeyboardInterrupt:
         print(f"pp1 bench: interrupted; what was measured is in {path}.json / .md", file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     print(markdown(result), flush=True)
     print(f"pp1 bench: wrote {path}.json and {path}.md", flush=True)
+    if result["run"].get("interrupted"):
+        return 130
     return 0 if all(c["ok"] for c in result["configs"]) else 1

@@ -112,8 +112,8 @@ while [ $# -gt 0 ]; do
         --recompute-every "$RECOMPUTE_EVERY" --out "$OUT_DIR" --label "$label" --budget-s "$share"
         --timeout-s "$CONFIG_TIMEOUT_S" --heartbeat-s 2 --watchdog-s 30 --deadline-floor-s 120)
   [ -n "${CONFIGS:-}" ] && args+=(--configs "$CONFIGS")
-  # pp1 bench bounds itself (budget); `timeout` is the backstop. SIGTERM makes it kill its job and stop.
-  timeout -k 20 $(( share + 60 )) "$PY" -m pp1 "${args[@]}"
+  # pp1 bench bounds itself (budget); `timeout` is the backstop: SIGTERM makes it drain its job (<= 60 s) and stop.
+  timeout -k 90 $(( share + 60 )) "$PY" -m pp1 "${args[@]}"
   rc=$?
   [ $rc -ne 0 ] && { say "pp1 bench for $preset exited $rc"; status=1; }
   if [ "$DEVICE" = cuda ]; then

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from pp1.adapters.bench import (
@@ -91,7 +92,7 @@ def test_peak_memory_events() -> None:
 def test_run_bench_writes_json_and_markdown(tmp_path) -> None:
     seen: list[LaunchOptions] = []
 
-    def fake_launch(lo: LaunchOptions) -> RunReport:
+    def fake_launch(lo: LaunchOptions, stop: threading.Event) -> RunReport:
         seen.append(lo)
         rep = synthetic_report()
         events = [{"event": "peak_memory", "rank": r, "max_rss_bytes": 2**20 * (r + 1)} for r in range(lo.nproc)]
@@ -118,10 +119,25 @@ def test_run_bench_writes_json_and_markdown(tmp_path) -> None:
 
 
 def test_budget_spent_skips_configurations(tmp_path) -> None:
-    def never(lo: LaunchOptions) -> RunReport:
+    def never(lo: LaunchOptions, stop: threading.Event) -> RunReport:
         raise AssertionError("no job may start without budget")
 
     opts = BenchOptions(configs=parse_configs("tp:1,tp:2"), out_dir=str(tmp_path), label="b", budget_s=0.0)
     result = run_bench(opts, launch_fn=never, log=lambda s: None)
     assert [c["skipped"] for c in result["configs"]] == [True, True]
     assert "skipped (budget)" in (tmp_path / "bench-b.md").read_text()
+
+
+def test_stop_ends_the_bench_after_the_running_job(tmp_path) -> None:
+    stop = threading.Event()
+    ran: list[str] = []
+
+    def stopping(lo: LaunchOptions, ev: threading.Event) -> RunReport:
+        ran.append(f"{lo.topology}:{lo.tp}")
+        ev.set()  # as if SIGTERM arrived while this job ran; launch() drained it
+        return RunReport(ok=True, exit_code=0, wall_s=1.0, chunks=synthetic_report()["chunks"])
+
+    opts = BenchOptions(configs=parse_configs("tp:1,tp:2"), out_dir=str(tmp_path), label="s")
+    result = run_bench(opts, launch_fn=stopping, log=lambda s: None, stop=stop)
+    assert ran == ["tp:1"] and result["run"]["interrupted"] and result["configs"][0]["interrupted"]
+    assert "ok (interrupted)" in (tmp_path / "bench-s.md").read_text()
