@@ -298,6 +298,8 @@ class ChunkEngine:
     def _decode(self, p: _Pending) -> None:
         t0 = self.clock()
         frames = self.stage0.decode(p.latents, first_chunk=p.plan.chunk_index == 0)
+        if frames.device.type != "cpu":  # frames leave the GPU for the video track; this also syncs the decode
+            frames = frames.cpu()
         t1 = self.clock()
         res = p.decision.result
         timings = dict(res.timings_ms) if res else {}
