@@ -326,12 +326,12 @@ def check_pipeline(
         _guard(findings, "generator", "reset()", lambda: mesh.map(lambda r, _c: gens[r].reset()))
         sched = ChunkSchedule(geometry, steps, seed=3, recompute_every=2)
         wire = getattr(torch, geometry.dtype)
-        cond = torch.randn(geometry.conditioning_shape(), generator=torch.Generator().manual_seed(1)).to(wire)
+        cond = torch.randn(geometry.conditioning_shape(), generator=torch.Generator().manual_seed(1)).to(device, wire)
         first_latents = None
         for k in range(chunks):
             if k == chunks - 1:
                 sched.hard_cut()
-            noise = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100 + k)).to(wire)
+            noise = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100 + k)).to(device, wire)
             call = sched.next_call(cond, noise)
             out = run(call)
             if out is None:
@@ -342,7 +342,7 @@ def check_pipeline(
         # determinism: a reset shard replays chunk 0 bit for bit
         _guard(findings, "generator", "reset()", lambda: mesh.map(lambda r, _c: gens[r].reset()))
         replay = ChunkSchedule(geometry, steps, seed=3, recompute_every=2)
-        noise0 = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100)).to(wire)
+        noise0 = torch.randn(geometry.noise_shape(), generator=torch.Generator().manual_seed(100)).to(device, wire)
         out = run(replay.next_call(cond, noise0))
         if out is not None and not torch.equal(out.latents, first_latents):
             findings.append(Finding("determinism", "chunk 0", "same call after reset() gave different latents"))

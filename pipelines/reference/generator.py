@@ -79,7 +79,9 @@ class ReferenceGenerator:
         check_call(call, self.geometry)
         self._check_continuity(call)
         with torch.inference_mode():
-            return self._run(call)
+            out = self._run(call)
+        out.latents = out.latents.clone()  # a normal tensor: callers may update it in place
+        return out
 
     # --- internals --------------------------------------------------------------------------------
 
