@@ -274,9 +274,8 @@ def check_pipeline(
 
     Schedule (after one warm-up call and a reset): chunk 0 (init_cache), plain chunks, a KV-recompute
     chunk with context frames taken from the previous latents, then a hard cut (reset_cache, new
-    epoch). Checks every output, that
-    all ranks return identical latents and equal fingerprints, that a rerun is deterministic and
-    that a recompute call without context frames is refused.
+    epoch). Checks every output, that all ranks return identical latents and equal fingerprints,
+    that a rerun is deterministic and that a recompute call without context frames is refused.
     """
     from .local_loop import ChunkSchedule, copy_call
     from .threaded_comm import ThreadedMesh
