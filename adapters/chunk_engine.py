@@ -100,6 +100,7 @@ class ChunkEngine:
         geometry: ChunkGeometry,
         *,
         prompt: str = "a calm sea at dawn",
+        conditioning: torch.Tensor | None = None,
         faults: FaultPlan | None = None,
         max_chunks: int | None = None,
         then: str = "shutdown",
@@ -125,7 +126,7 @@ class ChunkEngine:
         self._history: list[torch.Tensor] = []  # this epoch's latents, for context frames
         self._history_epoch = -1
         self._sent: dict[int, tuple[ChunkPlan, float]] = {}  # call_id -> (plan, sent at)
-        self._conditioning: torch.Tensor | None = None
+        self._conditioning: torch.Tensor | None = conditioning  # encode the prompt early (before READY)
         self._idle_fault_checked = False
         self.last_shown: float | None = None
 
@@ -161,7 +162,8 @@ class ChunkEngine:
     def run(self) -> EngineOutcome:
         m = self.m
         pending: _Pending | None = None
-        self._conditioning = self.stage0.encode_prompt(self.prompt)
+        if self._conditioning is None:
+            self._conditioning = self.stage0.encode_prompt(self.prompt)
         while True:
             self._apply_requests()
             done_chunks = self.max_chunks is not None and self.accepted >= self.max_chunks

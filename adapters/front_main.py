@@ -112,6 +112,8 @@ def serve(
         pp.warm(cfg.watchdog_s * 4)
         lc.fire("channels_warm")
         set_state(lc.state)
+        # encode the prompt while the mesh warms up: once READY arrives, the mesh's watchdogs run
+        conditioning = loaded.stage0.encode_prompt(args.prompt)
         ready = pp.recv_ready(args.ready_timeout_s)
     except PeerLost as exc:
         lc.fail_with(f"lost the leader during {lc.state}: {exc}", "remote")
@@ -127,7 +129,8 @@ def serve(
     faults.check("ready")
     machine = make_machine(rt, loaded, cfg, first_call_id=1)  # call_id 0 was the warm-up PING
     engine = ChunkEngine(
-        machine, PPLink(pp), loaded.stage0, loaded.geometry, prompt=args.prompt, faults=faults,
+        machine, PPLink(pp), loaded.stage0, loaded.geometry, prompt=args.prompt, conditioning=conditioning,
+        faults=faults,
         max_chunks=args.chunks, then=args.then,
         on_stop=lambda: lc.fire("drain") if lc.state == "serving" else None,
     )

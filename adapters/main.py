@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             drain.set()
             if rt.hosts_front and session.request_stop():
                 drain_deadline.append(time.monotonic() + session.drain_bound_s())
+            elif not rt.hosts_front:  # wait for the front's SHUTDOWN, but not past the front's own drain bound
+                bound = 2 * cfg.deadline_floor_s + 2 * cfg.heartbeat_s + cfg.watchdog_s + 5
+                drain_deadline.append(time.monotonic() + bound)
             return
         if lc.is_terminal:
             return
