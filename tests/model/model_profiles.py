@@ -13,9 +13,9 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 
 PROFILES: dict[str, settings] = {
     # CI: derandomized (the same examples every run, no flakes), >= 500 examples per topology.
-    "ci": settings(max_examples=500, stateful_step_count=10, derandomize=True, database=None, **_COMMON),
+    "ci": settings(max_examples=500, stateful_step_count=8, derandomize=True, database=None, **_COMMON),
     # deep: random, many more and longer runs (minutes).
-    "deep": settings(max_examples=5000, stateful_step_count=80, **_COMMON),
+    "deep": settings(max_examples=5000, stateful_step_count=40, **_COMMON),
 }
 
 PROFILE_ENV = "PP1_HYPOTHESIS_PROFILE"
@@ -30,3 +30,8 @@ def profile_name() -> str:
 
 def model_settings() -> settings:
     return PROFILES[profile_name()]
+
+
+def model_timeout_s() -> int:
+    """pytest-timeout for one topology's run under the active profile."""
+    return 600 if profile_name() == "ci" else 7200

@@ -23,7 +23,7 @@ from hypothesis import event as hypothesis_event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from model_cluster import Cluster
-from model_profiles import model_settings
+from model_profiles import model_settings, model_timeout_s
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,7 +76,7 @@ class ClusterModel(RuleBasedStateMachine):
         return self.c
 
     # -- progress: any enabled step, in any order -------------------------------------------------
-    @rule(n=st.integers(1, 24), seed=st.integers(0, 2**16))
+    @rule(n=st.integers(1, 20), seed=st.integers(0, 2**16))
     @_tracked
     def steps(self, n: int, seed: int) -> None:
         """``n`` enabled steps, each picked by a cheap PRNG seeded by Hypothesis (one draw, not n)."""
@@ -149,4 +149,4 @@ TestPP1Mesh3 = _case("pp1", (3,))
 TestPP1Mesh4 = _case("pp1", (4,))
 TestPureTP = _case("tp", (1, 2, 3, 4))
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(model_timeout_s())
