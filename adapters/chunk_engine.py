@@ -37,7 +37,14 @@ log = logging.getLogger("pp1.adapters.chunk_engine")
 
 
 class Link(Protocol):
-    """The front's end of the way to the leader."""
+    """The front's end of the way to the leader.
+
+    ``overlaps``: True when ``send`` returns while the mesh computes (the PP channel), so the decode
+    of chunk k runs during the generation of k+1; False when ``send`` runs the whole call (pure TP's
+    in-process leader): then chunk k is decoded and shown before k+1 is computed.
+    """
+
+    overlaps: bool
 
     def send(
         self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], preflight: bool = True,
@@ -177,6 +184,9 @@ class ChunkEngine:
                 plan = m.plan_next(now)
             elif m.state == "idle" and m.noop_due(now):
                 plan = m.plan_noop(now)
+            if pending is not None and not self.link.overlaps:  # serial link: show k, then compute k+1
+                self._decode(pending)
+                pending = None
             if plan is not None:
                 self._send(plan)
             if pending is not None:  # overlap: k+1 went out (if due), now decode k

@@ -31,6 +31,8 @@ log = logging.getLogger("pp1.adapters.front")
 class PPLink:
     """The front's end of the PP channel as the chunk engine's Link."""
 
+    overlaps = True  # send returns while the mesh computes: decode k overlaps k+1
+
     def __init__(self, pp: PPControlPlane) -> None:
         self.pp = pp
 

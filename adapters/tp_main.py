@@ -54,6 +54,8 @@ class LocalSink:
 class LocalLink:
     """The chunk engine's Link under pure TP: ``send`` runs the whole call through the relay."""
 
+    overlaps = False  # send runs the whole call: nothing to overlap
+
     def __init__(self, driver: LeaderDriver, sink: LocalSink, loaded: Loaded) -> None:
         self.driver, self.sink, self.geometry = driver, sink, loaded.geometry
         self.last_call_id: int | None = None

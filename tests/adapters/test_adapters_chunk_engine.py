@@ -40,8 +40,9 @@ def _setup(faults: str = "", recompute_every: int = 1):
 
 
 class SpyLink:
-    def __init__(self, inner, log: list) -> None:
+    def __init__(self, inner, log: list, overlaps: bool = True) -> None:
         self.inner, self.log, self.sent = inner, log, []
+        self.overlaps = overlaps  # as the PP channel (True) or pure TP's in-process leader (False)
 
     def send(self, env, tensors, preflight=True, timeout_s=None):
         self.inner.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
@@ -66,10 +67,11 @@ class SpyStage0:
         return self.inner.decode(latents, first_chunk)
 
 
-def _engine(faults: str = "", chunks: int = 4, log: list | None = None, recompute_every: int = 1):
+def _engine(faults: str = "", chunks: int = 4, log: list | None = None, recompute_every: int = 1,
+            overlaps: bool = True):
     cfg, rt, loaded, plan, link, relay = _setup(faults, recompute_every)
     log = [] if log is None else log
-    spy = SpyLink(link, log)
+    spy = SpyLink(link, log, overlaps)
     eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), spy, SpyStage0(loaded.stage0, log),
                       loaded.geometry, faults=plan, max_chunks=chunks)
     return eng, spy, relay
@@ -92,6 +94,16 @@ def test_overlap_submits_the_next_chunk_before_decoding_the_last() -> None:
     infer = [x for x in log if "noop" not in x]
     assert infer == ["send infer 0", "recv infer 0", "send infer 1", "decode", "recv infer 1", "send infer 2",
                      "decode", "recv infer 2", "send shutdown 0", "decode", "recv shutdown 0"]
+
+
+def test_serial_link_shows_each_chunk_before_computing_the_next() -> None:
+    """Pure TP: send runs the whole call, so decoding k after sending k+1 would only delay k."""
+    log: list[str] = []
+    eng, _, _ = _engine(chunks=3, log=log, overlaps=False)
+    assert eng.run().ok
+    infer = [x for x in log if "noop" not in x]
+    assert infer == ["send infer 0", "recv infer 0", "decode", "send infer 1", "recv infer 1", "decode",
+                     "send infer 2", "recv infer 2", "decode", "send shutdown 0", "recv shutdown 0"]
 
 
 def test_context_frames_are_the_previous_latents() -> None:
@@ -132,6 +144,8 @@ def test_unserialisable_and_bad_dtype_are_refused_before_sending() -> None:
 
 class ScriptedLink:
     """Answers every envelope from a script: a PPResultV1 factory, or an exception to raise."""
+
+    overlaps = True
 
     def __init__(self, script) -> None:
         self.script, self.sent, self.pending = script, [], None
