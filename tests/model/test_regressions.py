@@ -1,5 +1,6 @@
-"""Scripted runs of the whole cluster (model_cluster): the shrunk failures the model test found,
-kept as explicit regressions, and the scenarios the protocol must always get right.
+"""Scripted runs of the whole cluster (model_cluster): what the model test caught on the way, kept
+as explicit regressions, and the scenarios the protocol must always get right. (The Hypothesis runs
+-- ci, and 1500 random examples x 30 steps per topology -- found no violation in the machines.)
 
 Each test says what it pins down. ``c.do(name)`` takes one named step (error if not enabled);
 ``settle()`` drives the run to its end and checks the end state (every rank exited; no fault ->
@@ -104,9 +105,10 @@ def test_two_failures_in_a_row_fail_the_mesh_with_farewell() -> None:
 
 
 def test_altered_ids_trip_the_front() -> None:
-    """Found by the model test (shrunk): an envelope whose chunk_index was altered in transit looks
-    valid to the leader (it cannot know the schedule), is relayed and computed; the front's
-    tripwire (result chunk_index != sent) must fail loudly rather than show a wrong chunk."""
+    """Caught while building the model test (the first "invalid envelope" fault altered chunk_index
+    and was expected to be rejected): an envelope whose ids were altered in transit looks valid to
+    the leader (it cannot know the schedule), is relayed and computed; only the front's tripwire
+    (result chunk_index != sent) stops it, and it must fail loudly rather than show a wrong chunk."""
     c = serving("pp1", 2)
     c.corrupt_next = "ids"
     c.do("front submit")
