@@ -165,9 +165,15 @@ def launch(
                 break
             time.sleep(0.1)
     finally:
+        forced = proc.poll() is None or time.monotonic() > deadline
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
             proc.wait(10)
+        if forced:  # torchrun starts each rank in its own session: kill the ones that never said goodbye
+            exited = {e.get("pid") for e in events if e.get("event") == "exit"}
+            for pid in {e["pid"] for e in events if isinstance(e.get("pid"), int)} - exited:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         rd.join(5)
     code = proc.returncode
     report: dict[str, Any] = {}

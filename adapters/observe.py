@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -59,7 +60,7 @@ def set_state(state: str) -> None:
 
 def emit_event(event: str, **fields: Any) -> None:
     """One ``PP1-EVENT`` line on stdout (flushed), for the launcher."""
-    payload = {"event": event, "rank": CTX.rank, "role": CTX.role, "t": time.time(), **fields}
+    payload = {"event": event, "rank": CTX.rank, "role": CTX.role, "t": time.time(), "pid": os.getpid(), **fields}
     sys.stdout.write(EVENT_PREFIX + json.dumps(payload, default=str) + "\n")
     sys.stdout.flush()
 
