@@ -68,7 +68,7 @@ class ProtocolMachine:
         self._machine = Machine(
             model=self,
             states=list(self.STATES),
-            transitions=self.transition_dicts(),
+            transitions=[dict(t) for t in self.transition_dicts()],
             initial=self.INITIAL,
             queued=True,
             auto_transitions=False,
@@ -84,6 +84,15 @@ class ProtocolMachine:
 
     @classmethod
     def transition_dicts(cls) -> list[dict[str, Any]]:
+        """The table as `transitions` takes it (built once per class; tables are constants)."""
+        cached = cls.__dict__.get("_table_cache")
+        if cached is None:
+            cached = cls._build_transition_dicts()
+            cls._table_cache = cached
+        return cached
+
+    @classmethod
+    def _build_transition_dicts(cls) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for event, source, dest in cls.TRANSITIONS:
             src = cls.non_terminal() if source == "*" else source
