@@ -39,12 +39,21 @@ class ReferenceConfig:
     flow_shift: float = 5.0  # sigma(t) = shift*s / (1 + (shift-1)*s), s = t/1000 (Wan's shifted schedule)
     weight_seed: int = 20250601
     eps: float = 1e-6
+    # stage-0 VAE (reference/vae.py), Wan 2.1's causal VAE structure (defaults = Wan's): base width,
+    # width multipliers of the 4 stages (x8 spatial), residual blocks per stage, middle attention
+    vae_dim: int = 96
+    vae_mult: tuple[int, ...] = (1, 2, 4, 4)
+    vae_decoder_blocks: int = 3
+    vae_encoder_blocks: int = 2
+    vae_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"{self.name}: dim {self.dim} not divisible by {self.num_heads} heads")
         if self.head_dim % 2:
             raise ValueError(f"{self.name}: head_dim {self.head_dim} must be even (RoPE)")
+        if len(self.vae_mult) != 4 or self.vae_dim < 1 or min(self.vae_decoder_blocks, self.vae_encoder_blocks) < 0:
+            raise ValueError(f"{self.name}: the VAE needs 4 width multipliers (x8 spatial), vae_dim >= 1, blocks >= 0")
         if self.video_height % (VAE_SPATIAL * PATCH[1]) or self.video_width % (VAE_SPATIAL * PATCH[2]):
             raise ValueError(f"{self.name}: video size must be a multiple of {VAE_SPATIAL * PATCH[1]}")
 
@@ -97,11 +106,13 @@ PRESETS: dict[str, ReferenceConfig] = {
     "micro": ReferenceConfig(
         name="micro", dim=64, num_heads=4, num_blocks=2, ffn_dim=200,
         video_height=64, video_width=64, text_len=8, text_dim=32, freq_dim=32,
+        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0,
     ),
     # CPU: 128x128 video -> 16x16 latents -> 64 tokens per latent frame, 192 per chunk.
     "tiny": ReferenceConfig(
         name="tiny", dim=128, num_heads=4, num_blocks=4, ffn_dim=512,
         video_height=128, video_width=128, text_len=16, text_dim=64, freq_dim=64,
+        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0,  # VAE: widths 8..2, no residual blocks (CPU)
     ),
     # Wan 2.1 T2V 1.3B shapes at 480x832 (Self-Forcing's resolution): 1560 tokens per latent frame.
     "wan-1.3b-shape": ReferenceConfig(
