@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .launcher import DEFAULT_PIPELINE, LaunchOptions, RunReport, launch
+from .launcher import DEFAULT_PIPELINE, InvalidOption, LaunchOptions, RunReport, check_options, launch
 from .peak_memory import peak_bytes, peaks_by_rank
 
 DEFAULT_OUT = os.path.join("specs", "bench")
@@ -539,6 +539,12 @@ def main(args: argparse.Namespace) -> int:
             return 2
     if opts.device == "cuda" and not opts.configs and gpu_count() == 0:
         print("pp1 bench: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
+    try:  # every configuration's options, before the first job starts
+        for cfg in opts.configs or default_configs(opts.device, gpu_count()):
+            check_options(opts.launch_options(cfg))
+    except InvalidOption as exc:
+        print(f"pp1 bench: invalid option {exc}", file=sys.stderr)
         return 2
     label = opts.resolved_label()
     path = os.path.join(opts.out_dir, f"bench-{label}")

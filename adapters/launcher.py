@@ -82,6 +82,54 @@ class LaunchOptions:
         ]
 
 
+class InvalidOption(ValueError):
+    """A launch option that cannot work; raised before any process starts."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        super().__init__(f"{option}: {reason}")
+        self.option, self.reason = option, reason
+
+
+def check_options(opts: LaunchOptions) -> None:
+    """Refuse, before anything starts, what every rank would refuse after startup: bad sizes, a config
+    that fails RunConfig's rules, a pipeline that does not load, a preset it does not know, too few GPUs."""
+    from pp1.pipelines.loader import PipelineLoadError
+    from pydantic import ValidationError
+
+    from .main import config_from_args
+    from .startup import load_factory
+
+    if opts.tp < 1:
+        raise InvalidOption("--tp", f"the mesh needs at least one rank, got {opts.tp}")
+    if opts.chunks < 1:
+        raise InvalidOption("--chunks", f"drive at least one chunk, got {opts.chunks}")
+    if opts.timeout_s <= 0:
+        raise InvalidOption("--timeout-s", f"must be positive, got {opts.timeout_s}")
+    if opts.dtype.removeprefix("torch.") not in ("float32", "float16", "bfloat16"):
+        raise InvalidOption("--dtype", f"expected float32, float16 or bfloat16, got {opts.dtype!r}")
+    try:
+        config_from_args(opts, opts.nproc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = "-".join(str(x) for x in err["loc"]).replace("_", "-")
+        raise InvalidOption(f"--{loc}" if loc else "options", err["msg"].removeprefix("Value error, ")) from None
+    try:
+        factory = load_factory(opts.pipeline)
+    except PipelineLoadError as exc:
+        raise InvalidOption("--pipeline", str(exc)) from None
+    try:
+        factory.geometry(opts.preset)
+    except Exception as exc:  # the pipeline's own words: unknown preset, bad shape, ...
+        raise InvalidOption("--preset", f"{type(exc).__name__}: {exc}") from None
+    if opts.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < opts.nproc:
+            raise InvalidOption("--device", f"{opts.topology} with --tp {opts.tp} needs {opts.nproc} GPUs "
+                                f"(one per rank); {have} visible")
+
+
 @dataclass
 class RunReport:
     """What a launched job did. ``chunks``/``summary`` come from the front's JSON report."""
@@ -119,7 +167,9 @@ def launch(
     stop: threading.Event | None = None,
 ) -> RunReport:
     """Run the job to its end. ``on_event`` sees every PP1-EVENT; ``on_log`` every other line;
-    setting ``stop`` asks the job to drain (SIGTERM to torchrun)."""
+    setting ``stop`` asks the job to drain (SIGTERM to torchrun). Raises InvalidOption, having
+    started nothing, for options that cannot work."""
+    check_options(opts)
     tmpdir = tempfile.mkdtemp(prefix="pp1-run-")
     report_json = opts.report_json or os.path.join(tmpdir, "report.json")
     env = {**os.environ, **opts.env}
@@ -207,7 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2, help="mesh size M (default 2)")
     p.add_argument("--topology", choices=["pp1", "tp"], default="pp1",
                    help="pp1: front rank 0 + M mesh ranks; tp: M ranks, rank 0 leads and fronts")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny",
+                   help="model preset of the pipeline (reference: micro, tiny, wan-1.3b-shape, krea-14b-shape)")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="module:factory")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL + gloo control")
     p.add_argument("--dtype", default="float32")
@@ -279,6 +330,11 @@ class _Printer:
 
 def main(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
+    try:
+        check_options(opts)
+    except InvalidOption as exc:
+        print(f"pp1 run: invalid option {exc}", file=sys.stderr)
+        return 2
     printer = _Printer()
     print(f"pp1 run: {opts.topology} with {opts.tp} mesh rank(s), {opts.nproc} process(es), device {opts.device}, "
           f"preset {opts.preset}, {opts.chunks} chunks", flush=True)

@@ -12,12 +12,10 @@ after the machine recorded its FailureCause.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,16 +55,10 @@ class Loaded:
 
 
 def load_factory(path: str) -> PipelineFactory:
-    """``package.module:factory`` -> the PipelineFactory (the pipelines' loader when present)."""
-    try:
-        from pp1.pipelines.loader import load_factory as _load  # engineer C's
-    except ImportError:
-        _load = None
-    if _load is not None:
-        return _load(path)
-    mod_name, _, attr = path.partition(":")
-    obj: Any = getattr(importlib.import_module(mod_name), attr or "factory")
-    return obj() if callable(obj) and not isinstance(obj, PipelineFactory) else obj
+    """``package.module:factory`` -> the PipelineFactory (raises PipelineLoadError with the reason)."""
+    from pp1.pipelines.loader import load_factory as _load
+
+    return _load(path)
 
 
 def torch_dtype_of(name: str) -> torch.dtype:
