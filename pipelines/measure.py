@@ -4,6 +4,8 @@
     python -m pp1.pipelines.measure shards --preset krea-14b-shape --mesh-size 3 --scale 8
         # one block's compute per TP rank (uneven 14/13/13 vs even splits); --scale 8 shrinks
         # head_dim, FFN and tokens by 8 (CPU), --scale 1 is the real shape (GPU)
+    python -m pp1.pipelines.measure --what vae --preset krea-14b-shape --device cuda
+        # stage 0's VAE: decode / encode ms per chunk (warmup, then median); bf16 by default on CUDA
 
 Multi-GPU numbers (NCCL all-reduces included) come from ``pp1 bench`` on the device.
 """
@@ -65,6 +67,48 @@ def measure_chunks(
         "decode_ms": round(med(decode), 1),
         "frames_per_chunk": int(res.frames[-1].shape[0]),
     }
+
+
+def measure_vae(
+    pipeline: str, preset: str, device: torch.device, dtype: torch.dtype, repeats: int = 10, warmup: int = 3,
+) -> dict[str, float | int | str]:
+    """Median ms of stage 0's decode (first chunk, later chunks) and encode (a chunk's frames, a full
+    context window's frames) on random latents, after ``warmup`` calls; peak GPU memory on CUDA."""
+    factory = load_factory(pipeline)
+    t0 = time.perf_counter()
+    stage0 = factory.build_stage0(preset, device, dtype)
+    _sync(device)
+    build_s = time.perf_counter() - t0
+    geo = stage0.geometry
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(geo.latents_shape(), generator=g).to(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def decode_first() -> torch.Tensor:
+        return stage0.decode(lat, first_chunk=True)
+
+    first_ms = _median_ms(decode_first, device, repeats, warmup)
+    stage0.decode(lat, first_chunk=True)
+    decode_ms = _median_ms(lambda: stage0.decode(lat, first_chunk=False), device, repeats, warmup)
+    chunk = stage0.decode(lat, first_chunk=False)
+    ctx = geo.max_context_frames
+    window = torch.cat([decode_first(), *[stage0.decode(lat, first_chunk=False) for _ in range(3)]])
+    window = window[: 4 * ctx - 3]  # 4n-3 frames -> n latent frames (a causal start)
+    encode_ms = _median_ms(lambda: stage0.encode(chunk), device, repeats, warmup)
+    encode_ctx_ms = _median_ms(lambda: stage0.encode(window), device, repeats, warmup)
+    row: dict[str, float | int | str] = {
+        "preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "build_s": round(build_s, 2),
+        "decode_first_ms": round(first_ms, 2), "decode_ms": round(decode_ms, 2),
+        "frames_first": int(decode_first().shape[0]), "frames": int(chunk.shape[0]),
+        "encode_ms": round(encode_ms, 2), f"encode_{window.shape[0]}_frames_ms": round(encode_ctx_ms, 2),
+        "video": "x".join(str(d) for d in chunk.shape[1:3]),
+    }
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["gpu"] = torch.cuda.get_device_name(device)
+    return row
 
 
 def _block_runner(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype) -> Callable[[], object]:  # type: ignore[no-untyped-def]
@@ -146,22 +190,30 @@ class _SlicedPlan:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pp1.pipelines.measure", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["chunks", "shards"])
+    p.add_argument("what", nargs="?", choices=["chunks", "shards", "vae"], default=None)
+    p.add_argument("--what", dest="what_opt", choices=["chunks", "shards", "vae"], help="same as the positional")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--mesh-size", type=int, nargs="+", default=[1])
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default float32; vae on CUDA: bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     p.add_argument("--scale", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
+    what = args.what_opt or args.what
+    if what is None:
+        p.error("say what to measure: chunks, shards or vae")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if what == "vae" and device.type == "cuda" else "float32"))
+    if what == "vae":
+        print(json.dumps(measure_vae(args.pipeline, args.preset, device, dtype, args.repeats)))
+        return 0
     for n in args.mesh_size:
-        if args.what == "chunks":
+        if what == "chunks":
             print(json.dumps(measure_chunks(args.pipeline, args.preset, n, args.chunks, device, dtype)))
         else:
             for row in measure_block_shards(args.preset, n, device, dtype, args.scale, args.repeats):

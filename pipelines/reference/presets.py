@@ -46,6 +46,7 @@ class ReferenceConfig:
     vae_decoder_blocks: int = 3
     vae_encoder_blocks: int = 2
     vae_attention: bool = True
+    vae_per_frame: bool = True  # decode one latent frame per decoder pass, as Wan's decode loop does
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -106,13 +107,14 @@ PRESETS: dict[str, ReferenceConfig] = {
     "micro": ReferenceConfig(
         name="micro", dim=64, num_heads=4, num_blocks=2, ffn_dim=200,
         video_height=64, video_width=64, text_len=8, text_dim=32, freq_dim=32,
-        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0,
+        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0, vae_per_frame=False,
     ),
     # CPU: 128x128 video -> 16x16 latents -> 64 tokens per latent frame, 192 per chunk.
     "tiny": ReferenceConfig(
         name="tiny", dim=128, num_heads=4, num_blocks=4, ffn_dim=512,
         video_height=128, video_width=128, text_len=16, text_dim=64, freq_dim=64,
-        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0,  # VAE: widths 8..2, no residual blocks (CPU)
+        # VAE: widths 8..2, no residual blocks, whole chunk per pass (CPU)
+        vae_dim=2, vae_decoder_blocks=0, vae_encoder_blocks=0, vae_per_frame=False,
     ),
     # Wan 2.1 T2V 1.3B shapes at 480x832 (Self-Forcing's resolution): 1560 tokens per latent frame.
     "wan-1.3b-shape": ReferenceConfig(

@@ -12,8 +12,9 @@ Causality and state: the decoder is STATEFUL across chunks like Wan's streaming 
 (``feat_cache``): every causal conv keeps the last two frames it saw, so chunk k+1 continues chunk k.
 ``first_chunk=True`` resets that state (zero past) and applies the causal-start rule: the first
 latent frame decodes to one video frame (3 latent frames -> 9 frames, later chunks 12). Decoding
-a whole chunk at once equals Wan's frame-by-frame decode (the convs see the same past); decode
-chunks of one stream in order. The encoder is stateless per call: 4k+1 frames are a causal start
+a whole chunk at once equals Wan's frame-by-frame decode (the convs see the same past);
+``vae_per_frame`` (big presets) runs Wan's loop, one latent frame per pass, for Wan's cost. Decode
+the chunks of one stream in order. The encoder is stateless per call: 4k+1 frames are a causal start
 (first frame alone, then 4 frames per latent frame), 4k frames continue from a zero past.
 """
 
@@ -134,7 +135,10 @@ class ReferenceVAE:
             if first_chunk:
                 self.decoder.reset()
             z = latents.to(self.device, self.compute_dtype)[None].contiguous(memory_format=self.fmt)
-            x = self.decoder(z)[0]  # [3, F, H, W]
+            if self.cfg.vae_per_frame:  # Wan's loop: one latent frame per pass (same result, smaller convs)
+                x = torch.cat([self.decoder(z[:, :, i : i + 1]) for i in range(z.shape[2])], dim=2)[0]
+            else:
+                x = self.decoder(z)[0]  # [3, F, H, W]
             return x.add_(1.0).mul_(127.5).round_().permute(1, 2, 3, 0).to(torch.uint8).contiguous()
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
