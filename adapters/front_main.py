@@ -22,6 +22,7 @@ from .chunk_engine import ChunkEngine, EngineOutcome, summarise
 from .faults import FaultPlan
 from .observe import emit_event, set_state
 from .pp_channel import PPControlPlane
+from .prompt_changes import PromptScript, parse_prompt_changes
 from .runtime import DistributedRuntime, PeerLost
 from .startup import Loaded, RankExit
 
@@ -50,10 +51,16 @@ def make_machine(rt: DistributedRuntime, loaded: Loaded, cfg: Any, first_call_id
     g = loaded.geometry
     return ChunkMachine(
         rt.rank, chunk_frames=g.latent_frames, window=g.max_context_frames, timesteps=loaded.timesteps,
-        recompute_every=cfg.recompute_every, seed=cfg.seed, heartbeat_s=cfg.heartbeat_s,
+        recompute_every=cfg.recompute_every, context_source=cfg.context_source, seed=cfg.seed,
+        heartbeat_s=cfg.heartbeat_s,
         deadline_floor_s=cfg.deadline_floor_s, deadline_factor=cfg.deadline_factor, first_call_id=first_call_id,
         role=rt.role,
     )
+
+
+def prompt_script(args: Any, stage0: Any) -> PromptScript:
+    """The headless ``--prompt-change CHUNK:TEXT`` driver, its prompts encoded here (the caller's thread)."""
+    return PromptScript(parse_prompt_changes(getattr(args, "prompt_change", None) or [])).encode(stage0)
 
 
 class FrontSession:
@@ -114,8 +121,9 @@ def serve(
         pp.warm(cfg.watchdog_s * 4)
         lc.fire("channels_warm")
         set_state(lc.state)
-        # encode the prompt while the mesh warms up: once READY arrives, the mesh's watchdogs run
+        # encode the prompt(s) while the mesh warms up: once READY arrives, the mesh's watchdogs run
         conditioning = loaded.stage0.encode_prompt(args.prompt)
+        script = prompt_script(args, loaded.stage0)
         ready = pp.recv_ready(args.ready_timeout_s)
     except PeerLost as exc:
         lc.fail_with(f"lost the leader during {lc.state}: {exc}", "remote")
@@ -136,6 +144,7 @@ def serve(
         max_chunks=args.chunks, then=args.then,
         on_stop=lambda: lc.fire("drain") if lc.state == "serving" else None,
     )
+    script.attach(engine)
     session.engine = engine
     return run_engine(engine, lc, session, args, cfg)
 

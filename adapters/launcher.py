@@ -52,6 +52,8 @@ class LaunchOptions:
     deadline_factor: float = 4.0
     compile: bool = False
     prompt: str = "a calm sea at dawn"
+    prompt_changes: list[str] = field(default_factory=list)  # "CHUNK:TEXT": after CHUNK shown chunks, TEXT
+    context_source: str = "latents"  # KV-recompute context: "latents" | "reencode" (part of the RunConfig)
     timeout_s: float = 900.0  # the whole job, startup included
     report_json: str | None = None
     extra_args: list[str] = field(default_factory=list)  # more options for pp1.adapters.main
@@ -70,7 +72,10 @@ class LaunchOptions:
             "--seed", str(self.seed), "--heartbeat-s", str(self.heartbeat_s), "--watchdog-s", str(self.watchdog_s),
             "--deadline-floor-s", str(self.deadline_floor_s), "--deadline-factor", str(self.deadline_factor),
             "--prompt", self.prompt, "--report-json", report_json, "--then", "shutdown",
+            "--context-source", self.context_source,
         ]
+        for change in self.prompt_changes:
+            args += ["--prompt-change", change]
         if self.compile:
             args.append("--compile")
         return args + list(self.extra_args)
@@ -97,6 +102,7 @@ def check_options(opts: LaunchOptions) -> None:
     from pydantic import ValidationError
 
     from .main import config_from_args
+    from .prompt_changes import OPTION, parse_prompt_changes
     from .startup import load_factory
 
     if opts.tp < 1:
@@ -107,6 +113,10 @@ def check_options(opts: LaunchOptions) -> None:
         raise InvalidOption("--timeout-s", f"must be positive, got {opts.timeout_s}")
     if opts.dtype.removeprefix("torch.") not in ("float32", "float16", "bfloat16"):
         raise InvalidOption("--dtype", f"expected float32, float16 or bfloat16, got {opts.dtype!r}")
+    try:
+        parse_prompt_changes(opts.prompt_changes, opts.chunks)
+    except ValueError as exc:
+        raise InvalidOption(OPTION, str(exc)) from None
     try:
         config_from_args(opts, opts.nproc)
     except ValidationError as exc:
@@ -271,6 +281,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-factor", type=float, default=4.0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--prompt", default="a calm sea at dawn")
+    p.add_argument("--prompt-change", action="append", default=[], metavar="CHUNK:TEXT", dest="prompt_change",
+                   help='after CHUNK shown chunks change the prompt to TEXT (a hard cut: new epoch, the chunk '
+                   'in flight is dropped); repeatable, e.g. --prompt-change 4:"a red fox in the snow"')
+    p.add_argument("--context-source", choices=["latents", "reencode"], default="latents",
+                   help="KV-recompute context frames: the previous latents (cheap), or with the window's first "
+                   "latent frame re-encoded from its decoded frame by the VAE (parity with single-GPU)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound on the whole job")
     p.add_argument("--report-json", default=None, help="also keep the front's JSON report here")
     p.add_argument("--verbose", "-v", action="store_true", help="show the ranks' logs")
@@ -283,6 +299,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         warmup_chunks=args.warmup_chunks, seed=args.seed, heartbeat_s=args.heartbeat_s,
         watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s, deadline_factor=args.deadline_factor,
         compile=args.compile, prompt=args.prompt, timeout_s=args.timeout_s, report_json=args.report_json,
+        prompt_changes=list(args.prompt_change or []), context_source=args.context_source,
     )
 
 
@@ -306,11 +323,17 @@ class _Printer:
         elif kind == "ready":
             self.p(f"[ready] mesh of {ev.get('mesh_size')} ready after {ev.get('startup_s', 0):.2f} s "
                    f"(warmup {', '.join(f'{x:.0f}' for x in ev.get('warmup_ms', []))} ms)")
+        elif kind == "chunk" and not ev.get("shown", True):
+            self.p(f"chunk {ev.get('chunk_index'):3d} epoch {ev.get('cache_epoch')}  (stale) dropped by the epoch "
+                   f"fence, never decoded or shown  mesh {_fmt(ev.get('mesh_ms'))}  round trip "
+                   f"{_fmt(ev.get('round_trip_ms'))}{'  recompute' if ev.get('recompute') else ''}")
         elif kind == "chunk":
             self.p(f"chunk {ev.get('chunk_index'):3d} epoch {ev.get('cache_epoch')}  period {_fmt(ev.get('period_ms'))}"
                    f"  mesh {_fmt(ev.get('mesh_ms'))}  decode {_fmt(ev.get('decode_ms'))}"
                    f"  pp overhead {_fmt(ev.get('pp_overhead_ms'))}  round trip {_fmt(ev.get('round_trip_ms'))}"
-                   f"{'  recompute' if ev.get('recompute') else ''}{'' if ev.get('shown', True) else '  (stale)'}")
+                   f"{'  recompute' if ev.get('recompute') else ''}")
+        elif kind == "prompt":
+            self.p(f"[prompt] epoch {ev.get('cache_epoch')}: {ev.get('prompt')!r}")
         elif kind == "refused":
             self.p(f"[refused] chunk {ev.get('chunk_index')}: {ev.get('reason')}")
         elif kind == "failed":
@@ -318,8 +341,12 @@ class _Printer:
         elif kind == "summary":
             fps = ev.get("video_fps")
             ttff = ev.get("time_to_first_frame_s")
-            self.p(f"summary: {ev.get('chunks')} chunks, {ev.get('frames')} frames, video "
-                   f"{fps:.2f} fps" if isinstance(fps, (int, float)) else f"summary: {ev.get('chunks')} chunks")
+            stale = int(ev.get("stale") or 0)
+            epochs = int(ev.get("epochs") or 1)
+            chunks = f"{ev.get('chunks')} chunks" + (f" in {epochs} epochs" if epochs > 1 else "")
+            dropped = f", {stale} stale result{'' if stale == 1 else 's'} dropped" if stale else ""
+            video = f", {ev.get('frames')} frames, video {fps:.2f} fps" if isinstance(fps, (int, float)) else ""
+            self.p(f"summary: {chunks}{video}{dropped}")
             self.p(f"         period p50 {_fmt(ev.get('period_p50_ms'), width=1)}, p99 "
                    f"{_fmt(ev.get('period_p99_ms'), width=1)}, time to first frame "
                    f"{f'{ttff:.3f} s' if isinstance(ttff, (int, float)) else '-'}")
@@ -337,7 +364,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     printer = _Printer()
     print(f"pp1 run: {opts.topology} with {opts.tp} mesh rank(s), {opts.nproc} process(es), device {opts.device}, "
-          f"preset {opts.preset}, {opts.chunks} chunks", flush=True)
+          f"preset {opts.preset}, {opts.chunks} chunks, context {opts.context_source}"
+          f"{''.join(f', prompt change {c}' for c in opts.prompt_changes)}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

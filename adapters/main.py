@@ -28,6 +28,7 @@ from .faults import FaultPlan
 from .front_main import FrontSession
 from .observe import emit_event, set_state, setup_logging
 from .peak_memory import emit_peak_memory
+from .prompt_changes import parse_prompt_changes
 from .runtime import DistributedRuntime
 from .shard import MeshCommunicator
 from .startup import Loaded, RankExit, Startup, geometry_for, load_factory, torch_dtype_of
@@ -55,6 +56,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-floor-s", type=float, default=30.0)
     p.add_argument("--deadline-factor", type=float, default=4.0)
     p.add_argument("--warmup-chunks", type=int, default=1)
+    p.add_argument("--context-source", choices=["latents", "reencode"], default="latents",
+                   help="KV-recompute context: the previous latents, or with the first re-encoded by the VAE")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--then", choices=["shutdown", "idle"], default="shutdown",
                    help="after the chunks: shut the job down, or stay idle (heartbeats) until SIGTERM")
     p.add_argument("--prompt", default="a calm sea at dawn")
+    p.add_argument("--prompt-change", action="append", default=[], metavar="CHUNK:TEXT",
+                   help="front: after CHUNK shown chunks change the prompt to TEXT (hard cut); repeatable")
     p.add_argument("--report-json", default=None, help="the front writes per-chunk timings here")
     p.add_argument("--pg-timeout-s", type=float, default=600.0, help="process-group timeout (startup waits)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="front: wait for READY at most this")
@@ -88,7 +93,7 @@ def config_from_args(args: Any, world_size: int) -> RunConfig:
         pipeline=args.pipeline, dtype=args.dtype, device_backend="nccl" if args.device == "cuda" else "gloo",
         control_backend="gloo", compile=args.compile, seed=args.seed, recompute_every=args.recompute_every,
         heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s,
-        deadline_factor=args.deadline_factor, warmup_chunks=args.warmup_chunks,
+        deadline_factor=args.deadline_factor, warmup_chunks=args.warmup_chunks, context_source=args.context_source,
     )
 
 
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank, "?", args.log_level)
     try:
         cfg = config_from_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        parse_prompt_changes(args.prompt_change)
         rt = DistributedRuntime.from_env(cfg, device=args.device)
     except Exception as exc:  # bad options: nothing distributed started yet
         log.error("bad run options: %s", exc)

@@ -21,7 +21,7 @@ from pp1.protocol.tensors import TensorSpec
 
 from .chunk_engine import ChunkEngine
 from .faults import FaultPlan
-from .front_main import FrontSession, make_machine, run_engine
+from .front_main import FrontSession, make_machine, prompt_script, run_engine
 from .leader_main import LeaderDriver, make_relay, warmup
 from .observe import emit_event
 from .runtime import DistributedRuntime, PeerLost
@@ -94,6 +94,8 @@ def serve(
     assert loaded.stage0 is not None and loaded.generator is not None
     tp.warm(cfg.watchdog_s * 4)
     lc.fire("channels_warm")
+    conditioning = loaded.stage0.encode_prompt(args.prompt)  # before warmup: no heartbeat is due yet
+    script = prompt_script(args, loaded.stage0)
     sink = LocalSink()
     relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)
     driver = LeaderDriver(rt, relay, loaded.generator, tp, sink, faults, recv_timeout_s=None)
@@ -107,8 +109,9 @@ def serve(
     machine = make_machine(rt, loaded, cfg, first_call_id=1)
     engine = ChunkEngine(
         machine, LocalLink(driver, sink, loaded), loaded.stage0, loaded.geometry, prompt=args.prompt,
-        faults=faults, max_chunks=args.chunks, then=args.then,
+        conditioning=conditioning, faults=faults, max_chunks=args.chunks, then=args.then,
         on_stop=lambda: lc.fire("drain") if lc.state == "serving" else None,
     )
+    script.attach(engine)
     session.engine = engine
     return run_engine(engine, lc, session, args, cfg)

@@ -35,6 +35,9 @@ class RunConfig(BaseModel):
     deadline_floor_s: float = Field(default=30.0, gt=0)
     deadline_factor: float = Field(default=4.0, gt=1)  # c in max(c * p99, floor)
     warmup_chunks: int = Field(default=1, ge=0)
+    # KV-recompute context frames: the previous latents as generated, or with the window's first latent
+    # frame re-encoded from its decoded image (Krea / Self-Forcing; see adapters/chunk_engine.py)
+    context_source: Literal["latents", "reencode"] = "latents"
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
