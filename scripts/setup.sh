@@ -9,20 +9,21 @@ PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# --no-compile: byte-compiling all of torch at install costs ~40 s; modules compile on first import instead
+pipi() { .venv/bin/python -m pip --disable-pip-version-check -q install --no-compile "$@"; }
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found: installing the default (CUDA) torch build" >&2
-    pip install "torch>=2.4,<3"
+    pipi "torch>=2.4,<3"
   else
     echo "setup: no GPU: installing a CPU build of torch" >&2
-    pip install "torch==2.13.0" 2>/dev/null \
-      || pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<3" 2>/dev/null \
-      || pip install "torch>=2.4,<3"
+    pipi "torch==2.13.0" 2>/dev/null \
+      || pipi --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<3" 2>/dev/null \
+      || pipi "torch>=2.4,<3"
   fi
 fi
 if [ -n "$extras" ]; then
-  pip install -e ".[$extras]"
+  pipi -e ".[$extras]"
 else
-  pip install -e .
+  pipi -e .
 fi
