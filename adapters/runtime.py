@@ -15,7 +15,7 @@ import datetime
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -265,44 +265,33 @@ class DistributedRuntime:
     def all_reduce(
         self, t: torch.Tensor, op: Any, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
-        self.check_group(group, purpose)
-        try:
-            work = dist.all_reduce(t, op=op, group=group, async_op=True)
-        except RuntimeError as exc:
-            raise PeerLost(purpose, str(exc)[:300]) from exc
-        self._wait(work, purpose, timeout_s, poisonable=True)
+        self._op(group, purpose, timeout_s, lambda: dist.all_reduce(t, op=op, group=group, async_op=True))
         return t
 
     def broadcast(
         self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
         """``src`` is a global rank."""
-        self.check_group(group, purpose)
-        try:
-            work = dist.broadcast(t, src=src, group=group, async_op=True)
-        except RuntimeError as exc:
-            raise PeerLost(purpose, str(exc)[:300]) from exc
-        self._wait(work, purpose, timeout_s, poisonable=True)
+        self._op(group, purpose, timeout_s, lambda: dist.broadcast(t, src=src, group=group, async_op=True))
         return t
 
     def send(self, t: torch.Tensor, dst: int, group: Any, purpose: str, timeout_s: float | None = None) -> None:
         """Blocking send to global rank ``dst``."""
-        self.check_group(group, purpose)
-        try:
-            work = dist.isend(t, dst=dst, group=group)
-        except RuntimeError as exc:
-            raise PeerLost(purpose, str(exc)[:300]) from exc
-        self._wait(work, purpose, timeout_s, poisonable=True)
+        self._op(group, purpose, timeout_s, lambda: dist.isend(t, dst=dst, group=group))
 
     def recv(self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None) -> torch.Tensor:
         """Receive from global rank ``src`` into ``t``; with ``timeout_s`` a timeout poisons the group."""
+        self._op(group, purpose, timeout_s, lambda: dist.irecv(t, src=src, group=group))
+        return t
+
+    def _op(self, group: Any, purpose: str, timeout_s: float | None, start: Callable[[], Any]) -> None:
+        """Check the group for ``purpose``, start the async op, wait for it (bounded: a timeout poisons)."""
         self.check_group(group, purpose)
         try:
-            work = dist.irecv(t, src=src, group=group)
+            work = start()
         except RuntimeError as exc:
             raise PeerLost(purpose, str(exc)[:300]) from exc
         self._wait(work, purpose, timeout_s, poisonable=True)
-        return t
 
     # -- teardown ----------------------------------------------------------------------------------
     def teardown(self, bound_s: float = 3.0) -> bool:
