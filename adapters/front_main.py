@@ -20,6 +20,7 @@ from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1
 
 from .chunk_engine import ChunkEngine, EngineOutcome, summarise
 from .faults import FaultPlan
+from .frame_dump import FrameDump
 from .observe import emit_event, set_state
 from .pp_channel import PPControlPlane
 from .prompt_changes import PromptScript, parse_prompt_changes
@@ -56,6 +57,25 @@ def make_machine(rt: DistributedRuntime, loaded: Loaded, cfg: Any, first_call_id
         deadline_floor_s=cfg.deadline_floor_s, deadline_factor=cfg.deadline_factor, first_call_id=first_call_id,
         role=rt.role,
     )
+
+
+def frame_dump(args: Any, link: Any) -> tuple[Any, FrameDump | None]:
+    """``--dump-frames DIR``: the link wrapped to see latents, and the dump (None without the option)."""
+    directory = getattr(args, "dump_frames", None)
+    if not directory:
+        return link, None
+    dump = FrameDump(directory)
+    return dump.wrap(link), dump
+
+
+def run_dumping(engine: ChunkEngine, dump: FrameDump | None, lc: Lifecycle, session: FrontSession, args: Any,
+                cfg: Any) -> int:
+    """``run_engine``, then (whatever happened) the dumped frames flushed to disk."""
+    try:
+        return run_engine(engine, lc, session, args, cfg)
+    finally:
+        if dump is not None:
+            dump.close()
 
 
 def prompt_script(args: Any, stage0: Any) -> PromptScript:
@@ -138,15 +158,17 @@ def serve(
                startup_s=session.ready_at - session.started_at)
     faults.check("ready")
     machine = make_machine(rt, loaded, cfg, first_call_id=1)  # call_id 0 was the warm-up PING
+    link, dump = frame_dump(args, PPLink(pp))
     engine = ChunkEngine(
-        machine, PPLink(pp), loaded.stage0, loaded.geometry, prompt=args.prompt, conditioning=conditioning,
+        machine, link, loaded.stage0, loaded.geometry, prompt=args.prompt, conditioning=conditioning,
         faults=faults,
         max_chunks=args.chunks, then=args.then,
+        on_frames=dump.on_frames if dump else None,
         on_stop=lambda: lc.fire("drain") if lc.state == "serving" else None,
     )
     script.attach(engine)
     session.engine = engine
-    return run_engine(engine, lc, session, args, cfg)
+    return run_dumping(engine, dump, lc, session, args, cfg)
 
 
 def write_report(path: str | None, outcome: EngineOutcome, session: FrontSession, cfg: Any) -> None:

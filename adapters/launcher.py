@@ -56,6 +56,7 @@ class LaunchOptions:
     context_source: str = "latents"  # KV-recompute context: "latents" | "reencode" (part of the RunConfig)
     timeout_s: float = 900.0  # the whole job, startup included
     report_json: str | None = None
+    dump_frames: str | None = None  # the front saves each shown chunk's frames + latents here (debug/test aid)
     extra_args: list[str] = field(default_factory=list)  # more options for pp1.adapters.main
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
@@ -76,6 +77,8 @@ class LaunchOptions:
         ]
         for change in self.prompt_changes:
             args += ["--prompt-change", change]
+        if self.dump_frames:
+            args += ["--dump-frames", self.dump_frames]
         if self.compile:
             args.append("--compile")
         return args + list(self.extra_args)
@@ -113,6 +116,13 @@ def check_options(opts: LaunchOptions) -> None:
         raise InvalidOption("--timeout-s", f"must be positive, got {opts.timeout_s}")
     if opts.dtype.removeprefix("torch.") not in ("float32", "float16", "bfloat16"):
         raise InvalidOption("--dtype", f"expected float32, float16 or bfloat16, got {opts.dtype!r}")
+    if opts.dump_frames:
+        from .frame_dump import check_dump_dir
+
+        try:
+            check_dump_dir(opts.dump_frames)
+        except ValueError as exc:
+            raise InvalidOption("--dump-frames", str(exc)) from None
     try:
         parse_prompt_changes(opts.prompt_changes, opts.chunks)
     except ValueError as exc:
@@ -289,6 +299,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "latent frame re-encoded from its decoded frame by the VAE (parity with single-GPU)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound on the whole job")
     p.add_argument("--report-json", default=None, help="also keep the front's JSON report here")
+    p.add_argument("--dump-frames", default=None, metavar="DIR",
+                   help="debugging/test aid: the front saves each shown chunk's frames (uint8 [F,H,W,3]) and latents "
+                   "as DIR/epoch{e}_chunk{k}.pt and ..._latents.pt (torch.save, off the comms thread); DIR is created")
     p.add_argument("--verbose", "-v", action="store_true", help="show the ranks' logs")
 
 
@@ -300,6 +313,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s, deadline_factor=args.deadline_factor,
         compile=args.compile, prompt=args.prompt, timeout_s=args.timeout_s, report_json=args.report_json,
         prompt_changes=list(args.prompt_change or []), context_source=args.context_source,
+        dump_frames=getattr(args, "dump_frames", None),
     )
 
 

@@ -68,6 +68,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-change", action="append", default=[], metavar="CHUNK:TEXT",
                    help="front: after CHUNK shown chunks change the prompt to TEXT (hard cut); repeatable")
     p.add_argument("--report-json", default=None, help="the front writes per-chunk timings here")
+    p.add_argument("--dump-frames", default=None, metavar="DIR",
+                   help="front only, a debugging/test aid: save each shown chunk's frames (uint8 [F,H,W,3]) and "
+                   "latents to DIR/epoch{e}_chunk{k}[_latents].pt (torch.save, on a background thread)")
     p.add_argument("--pg-timeout-s", type=float, default=600.0, help="process-group timeout (startup waits)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0, help="front: wait for READY at most this")
     p.add_argument("--fail-grace-s", type=float, default=1.0, help="front: delay before a non-zero exit")

@@ -21,7 +21,7 @@ from pp1.protocol.tensors import TensorSpec
 
 from .chunk_engine import ChunkEngine
 from .faults import FaultPlan
-from .front_main import FrontSession, make_machine, prompt_script, run_engine
+from .front_main import FrontSession, frame_dump, make_machine, prompt_script, run_dumping
 from .leader_main import LeaderDriver, make_relay, warmup
 from .observe import emit_event
 from .runtime import DistributedRuntime, PeerLost
@@ -107,11 +107,13 @@ def serve(
                startup_s=session.ready_at - session.started_at)
     faults.check("ready")
     machine = make_machine(rt, loaded, cfg, first_call_id=1)
+    link, dump = frame_dump(args, LocalLink(driver, sink, loaded))
     engine = ChunkEngine(
-        machine, LocalLink(driver, sink, loaded), loaded.stage0, loaded.geometry, prompt=args.prompt,
+        machine, link, loaded.stage0, loaded.geometry, prompt=args.prompt,
         conditioning=conditioning, faults=faults, max_chunks=args.chunks, then=args.then,
+        on_frames=dump.on_frames if dump else None,
         on_stop=lambda: lc.fire("drain") if lc.state == "serving" else None,
     )
     script.attach(engine)
     session.engine = engine
-    return run_engine(engine, lc, session, args, cfg)
+    return run_dumping(engine, dump, lc, session, args, cfg)

@@ -6,6 +6,12 @@ recompute every K chunks (never on the first chunk of an epoch) whose context fr
 latent frames generated so far (at most ``geometry.max_context_frames``), a strictly increasing
 call_id and the epoch. ``run_loop`` drives stage 0 and any ``ChunkCall -> ChunkOutput`` runner;
 ``mesh_runner`` is such a runner over N generator shards in threads.
+
+Context source (the front's ``RunConfig.context_source``, the rule of ``adapters/chunk_engine.py``):
+``"latents"`` sends the window's latents as generated; ``"reencode"`` replaces the window's first
+latent frame s = p * T - n (chunk p, n context frames, T a chunk) by ``stage0.encode`` of ONE decoded
+frame, the last one latent s decoded to, unless s == 0 (the epoch's own first frame, kept). No I/O:
+the loop and the real front build the same envelopes for the same seed, prompt and schedule.
 """
 
 from __future__ import annotations
@@ -23,6 +29,27 @@ from .interface import ChunkCall, ChunkOutput, Generator, PipelineFactory, Stage
 from .threaded_comm import ThreadedMesh
 
 Runner = Callable[[ChunkCall], ChunkOutput]
+Encoder = Callable[[torch.Tensor], torch.Tensor]  # Stage0.encode: uint8 [F, H, W, 3] -> [C, T, h, w]
+
+FRAMES_PER_LATENT = 4  # Stage0.decode: T latent frames -> 4T video frames (4T - 3 on an epoch's first chunk)
+CONTEXT_SOURCES = ("latents", "reencode")
+
+
+def window_start(chunk_index: int, latent_frames: int, context_frames: int) -> int:
+    """s: the epoch latent frame where the recompute window of chunk ``chunk_index`` starts."""
+    return chunk_index * latent_frames - context_frames
+
+
+def chunk_keyframes(chunk_index: int, latent_frames: int, frames: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Epoch latent frame -> the last video frame it decoded to ([1, H, W, 3]), for chunk ``chunk_index``
+    decoded to ``frames`` (on an epoch's first chunk latent 0 decodes to one frame: frame 0)."""
+    t, f = latent_frames, int(frames.shape[0])
+    out: dict[int, torch.Tensor] = {}
+    for j in range(t):
+        idx = f - 1 - FRAMES_PER_LATENT * (t - 1 - j)
+        if idx >= 0:
+            out[chunk_index * t + j] = frames[idx : idx + 1].clone()
+    return out
 
 
 def copy_call(call: ChunkCall) -> ChunkCall:
@@ -44,9 +71,17 @@ class ChunkSchedule:
         seed: int = 0,
         recompute_every: int = 1,
         context_frames: int | None = None,
+        context_source: str = "latents",
+        first_call_id: int = 0,
     ) -> None:
+        """``first_call_id``: the real front starts at 1 (0 is the warm-up PING) and its heartbeat
+        NOOPs take ids too; ids never change what is computed. ``context_source``: "latents" |
+        "reencode" (module docstring); with "reencode", ``record`` needs the decoded frames and
+        ``next_call`` an encoder."""
         if recompute_every < 0:
             raise ValueError("recompute_every must be >= 0 (0 = never)")
+        if context_source not in CONTEXT_SOURCES:
+            raise ValueError(f"context_source must be one of {CONTEXT_SOURCES}, got {context_source!r}")
         self.geometry = geometry
         self.timesteps = tuple(timesteps)
         self.seed = seed
@@ -54,11 +89,14 @@ class ChunkSchedule:
         self.context_frames = context_frames or geometry.max_context_frames
         if not 1 <= self.context_frames <= geometry.max_context_frames:
             raise ValueError(f"context_frames must be in [1, {geometry.max_context_frames}]")
-        self.call_id = 0
+        self.context_source = context_source
+        self.call_id = first_call_id
         self.cache_epoch = 0
         self.chunk_index = 0
+        self.reencoded = 0  # context frames re-encoded from a decoded frame
         self._reset_next = False
         self._history: list[torch.Tensor] = []  # latents of this epoch, [C, T, h, w] each
+        self._keyframes: dict[int, torch.Tensor] = {}  # epoch latent frame -> its last decoded frame (reencode)
 
     def is_recompute(self, chunk_index: int) -> bool:
         k = self.recompute_every
@@ -69,14 +107,32 @@ class ChunkSchedule:
         self.cache_epoch += 1
         self.chunk_index = 0
         self._history.clear()
+        self._keyframes.clear()
         self._reset_next = True
 
-    def context(self) -> torch.Tensor:
-        """The last ``context_frames`` latent frames generated in this epoch (or fewer)."""
+    def context(self, encode: Encoder | None = None) -> torch.Tensor:
+        """The last ``context_frames`` latent frames generated in this epoch (or fewer); with
+        "reencode", the first of them re-encoded from its decoded frame (unless it is the epoch's first)."""
         frames = torch.cat(self._history, dim=1)
-        return frames[:, -self.context_frames :].contiguous()
+        ctx = frames[:, -self.context_frames :].contiguous()
+        s = window_start(self.chunk_index, self.geometry.latent_frames, int(ctx.shape[1]))
+        if self.context_source != "reencode" or s <= 0:
+            return ctx
+        if encode is None:
+            raise ValueError("context_source 'reencode' needs an encoder (stage0.encode)")
+        frame = self._keyframes.get(s)
+        if frame is None:
+            raise ValueError(f"reencode: latent frame {s} of cache_epoch {self.cache_epoch} has no decoded frame "
+                             "(record(out, frames) every chunk)")
+        first = encode(frame)
+        if tuple(first.shape) != tuple(self.geometry.context_shape(1)):
+            raise ValueError(f"reencode gave {tuple(first.shape)}, expected {self.geometry.context_shape(1)}")
+        ctx = ctx.clone()
+        ctx[:, :1] = first.to(ctx.device, ctx.dtype)
+        self.reencoded += 1
+        return ctx
 
-    def next_call(self, conditioning: torch.Tensor, noise: torch.Tensor) -> ChunkCall:
+    def next_call(self, conditioning: torch.Tensor, noise: torch.Tensor, encode: Encoder | None = None) -> ChunkCall:
         k = self.chunk_index
         recompute = self.is_recompute(k) and bool(self._history)
         call = ChunkCall(
@@ -90,16 +146,25 @@ class ChunkSchedule:
             seed=self.seed,
             conditioning=conditioning,
             noise=noise,
-            context_frames=self.context() if recompute else None,
+            context_frames=self.context(encode) if recompute else None,
         )
         self.call_id += 1
         return call
 
-    def record(self, out: ChunkOutput) -> None:
-        """The result of the last call: its latents become context for later recomputes."""
+    def record(self, out: ChunkOutput, frames: torch.Tensor | None = None) -> None:
+        """The result of the last call: its latents become context for later recomputes; with
+        "reencode", its decoded ``frames`` (uint8 [F, H, W, 3]) give the frames to re-encode."""
+        g = self.geometry
         self._history.append(out.latents.detach().clone())
-        keep = -(-self.geometry.max_context_frames // self.geometry.latent_frames)
+        keep = -(-g.max_context_frames // g.latent_frames)
         del self._history[:-keep]
+        if self.context_source == "reencode":
+            if frames is None:
+                raise ValueError("context_source 'reencode': record(out, frames) needs the decoded frames")
+            self._keyframes.update(chunk_keyframes(self.chunk_index, g.latent_frames, frames))
+            lowest = (self.chunk_index + 1) * g.latent_frames - g.max_context_frames  # no later window starts before
+            for k in [k for k in self._keyframes if k < lowest]:
+                del self._keyframes[k]
         self.chunk_index += 1
         self._reset_next = False
 
@@ -131,15 +196,15 @@ def run_loop(
         if replay is not None:
             call = replay[i]
         else:
-            call = schedule.next_call(cond, stage0.make_noise(schedule.seed, schedule.chunk_index))
+            call = schedule.next_call(cond, stage0.make_noise(schedule.seed, schedule.chunk_index), stage0.encode)
         t0 = time.perf_counter()
         out = runner(call)
         t1 = time.perf_counter()
         verify_generator_output(call, out, stage0.geometry)
-        if replay is None:
-            schedule.record(out)
-        frames = stage0.decode(out.latents, first_chunk=call.init_cache)
+        frames = stage0.decode(out.latents, first_chunk=call.chunk_index == 0)
         t2 = time.perf_counter()
+        if replay is None:
+            schedule.record(out, frames)
         res.calls.append(call)
         res.outputs.append(out)
         res.frames.append(frames)
