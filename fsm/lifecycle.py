@@ -48,7 +48,10 @@ FRONT_TRANSITIONS: Table = [
 
 MESH_STATES = [INIT, PARITY, LOADING, VOTING, FINGERPRINT, BARRIER, WARMING_CHANNELS, WARMUP, SERVING, DRAINING,
                SHUTDOWN, FAILED]
-LEADER_TRANSITIONS: Table = [
+# Mesh roles share startup up to serving; ``warmup_done`` means, per role: leader, it drove warmup
+# through the mesh and sent READY; worker, the first TP header that is not WARMUP arrived; tp_rank0,
+# its in-process leader drove warmup (the server reports ready).
+MESH_STARTUP: Table = [
     ("start", INIT, PARITY),
     ("parity_ok", PARITY, LOADING),
     ("loaded", LOADING, VOTING),
@@ -56,33 +59,19 @@ LEADER_TRANSITIONS: Table = [
     ("fingerprint_ok", FINGERPRINT, BARRIER),
     ("barrier_done", BARRIER, WARMING_CHANNELS),
     ("channels_warm", WARMING_CHANNELS, WARMUP),
-    ("warmup_done", WARMUP, SERVING),  # warmup driven through the mesh, READY sent
-    ("drain", SERVING, DRAINING),  # finish the call in hand, wait for SHUTDOWN
-    ("shutdown_received", [SERVING, DRAINING], SHUTDOWN),  # relayed and answered
+    ("warmup_done", WARMUP, SERVING),
 ]
-WORKER_TRANSITIONS: Table = [
-    ("start", INIT, PARITY),
-    ("parity_ok", PARITY, LOADING),
-    ("loaded", LOADING, VOTING),
-    ("vote_ok", VOTING, FINGERPRINT),
-    ("fingerprint_ok", FINGERPRINT, BARRIER),
-    ("barrier_done", BARRIER, WARMING_CHANNELS),
-    ("channels_warm", WARMING_CHANNELS, WARMUP),
-    ("warmup_done", WARMUP, SERVING),  # first TP header that is not WARMUP
-    ("drain", SERVING, DRAINING),  # finish the call in hand, wait for SHUTDOWN (watchdog bounds it)
+# Leader and worker: a signal finishes the call in hand, then waits for SHUTDOWN (the watchdog bounds
+# it); SHUTDOWN is relayed (leader) and answered, then the rank exits 0.
+LEADER_TRANSITIONS: Table = MESH_STARTUP + [
+    ("drain", SERVING, DRAINING),
     ("shutdown_received", [SERVING, DRAINING], SHUTDOWN),
 ]
-TP_RANK0_TRANSITIONS: Table = [
-    ("start", INIT, PARITY),
-    ("parity_ok", PARITY, LOADING),
-    ("loaded", LOADING, VOTING),
-    ("vote_ok", VOTING, FINGERPRINT),
-    ("fingerprint_ok", FINGERPRINT, BARRIER),
-    ("barrier_done", BARRIER, WARMING_CHANNELS),
-    ("channels_warm", WARMING_CHANNELS, WARMUP),
-    ("warmup_done", WARMUP, SERVING),  # in-process leader drove warmup; the server reports ready
+WORKER_TRANSITIONS: Table = LEADER_TRANSITIONS
+# Pure-TP rank 0 fronts too: it drains its in-flight chunks, then relays SHUTDOWN to the workers.
+TP_RANK0_TRANSITIONS: Table = MESH_STARTUP + [
     ("drain", SERVING, DRAINING),
-    ("drained", DRAINING, SHUTDOWN),  # in-flight chunks done, SHUTDOWN relayed to the workers
+    ("drained", DRAINING, SHUTDOWN),
 ]
 
 # -- state -> the adapter call it binds to (the collectives, in order; pp1.md §2) --------------------
