@@ -101,12 +101,11 @@ class InvalidOption(ValueError):
 def check_options(opts: LaunchOptions) -> None:
     """Refuse, before anything starts, what every rank would refuse after startup: bad sizes, a config
     that fails RunConfig's rules, a pipeline that does not load, a preset it does not know, too few GPUs."""
-    from pp1.pipelines.loader import PipelineLoadError
+    from pp1.pipelines.loader import PipelineLoadError, load_factory
     from pydantic import ValidationError
 
     from .main import config_from_args
     from .prompt_changes import OPTION, parse_prompt_changes
-    from .startup import load_factory
 
     if opts.tp < 1:
         raise InvalidOption("--tp", f"the mesh needs at least one rank, got {opts.tp}")

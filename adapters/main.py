@@ -21,6 +21,7 @@ from typing import Any
 
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import Lifecycle, make_lifecycle
+from pp1.pipelines.loader import load_factory
 from pp1.protocol.config import RunConfig
 
 from . import faults as faults_mod
@@ -31,7 +32,7 @@ from .peak_memory import emit_peak_memory
 from .prompt_changes import parse_prompt_changes
 from .runtime import DistributedRuntime
 from .shard import MeshCommunicator
-from .startup import Loaded, RankExit, Startup, geometry_for, load_factory, torch_dtype_of
+from .startup import Loaded, RankExit, Startup, geometry_for, torch_dtype_of
 from .tp_channel import TPControlPlane
 
 log = logging.getLogger("pp1.adapters.main")

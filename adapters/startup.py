@@ -54,13 +54,6 @@ class Loaded:
     fingerprint: str = ""
 
 
-def load_factory(path: str) -> PipelineFactory:
-    """``package.module:factory`` -> the PipelineFactory (raises PipelineLoadError with the reason)."""
-    from pp1.pipelines.loader import load_factory as _load
-
-    return _load(path)
-
-
 def torch_dtype_of(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
