@@ -25,12 +25,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .launcher import DEFAULT_PIPELINE, InvalidOption, LaunchOptions, RunReport, check_options, launch
+from .launcher import (
+    DEFAULT_PIPELINE,
+    InvalidOption,
+    LaunchOptions,
+    RunReport,
+    check_options,
+    launch,
+    pipeline_option_arg,
+)
 from .peak_memory import peak_bytes, peaks_by_rank
 
 DEFAULT_OUT = os.path.join("specs", "bench")
@@ -383,6 +391,7 @@ class BenchOptions:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     recompute_every: int = 1
     pipeline: str = DEFAULT_PIPELINE
+    pipeline_options: dict[str, str] = field(default_factory=dict)
     out_dir: str = DEFAULT_OUT
     label: str | None = None  # None: "<device>-<preset>"
     timeout_s: float = 900.0  # per configuration
@@ -401,8 +410,8 @@ class BenchOptions:
 
     def launch_options(self, cfg: BenchConfig) -> LaunchOptions:
         return LaunchOptions(
-            topology=cfg.topology, tp=cfg.tp, preset=self.preset, pipeline=self.pipeline, device=self.device,
-            dtype=self.resolved_dtype(), chunks=self.chunks + self.warmup_chunks,
+            topology=cfg.topology, tp=cfg.tp, preset=self.preset, pipeline=self.pipeline,
+            pipeline_options=dict(self.pipeline_options), device=self.device, dtype=self.resolved_dtype(), chunks=self.chunks + self.warmup_chunks,
             recompute_every=self.recompute_every, warmup_chunks=self.mesh_warmup, seed=self.seed,
             heartbeat_s=self.heartbeat_s, watchdog_s=self.watchdog_s, deadline_floor_s=self.deadline_floor_s,
             compile=self.compile, timeout_s=self.timeout_s,
@@ -500,6 +509,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--recompute-every", type=int, default=1, help="K: KV recompute every K chunks (0 = never)")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=pipeline_option_arg,
+                   default=[], metavar="KEY=VALUE", help="an option of the pipeline (repeatable)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--label", default=None, help="file name part: bench-<label>.json/.md (default <device>-<preset>)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="bound on each configuration's job")
@@ -516,7 +527,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         preset=args.preset, configs=parse_configs(args.configs) if args.configs else None, chunks=args.chunks,
         warmup_chunks=args.warmup_chunks, mesh_warmup=args.mesh_warmup, device=args.device, dtype=args.dtype,
-        recompute_every=args.recompute_every, pipeline=args.pipeline, out_dir=args.out, label=args.label,
+        recompute_every=args.recompute_every, pipeline=args.pipeline,
+        pipeline_options=dict(args.pipeline_options or []), out_dir=args.out, label=args.label,
         timeout_s=args.timeout_s, budget_s=args.budget_s, heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s,
         deadline_floor_s=args.deadline_floor_s, compile=args.compile, seed=args.seed,
     )

@@ -40,6 +40,7 @@ class LaunchOptions:
     tp: int = 2
     preset: str = "tiny"
     pipeline: str = DEFAULT_PIPELINE
+    pipeline_options: dict[str, str] = field(default_factory=dict)  # --pipeline-option KEY=VALUE
     device: str = "cpu"
     dtype: str = "float32"
     chunks: int = 8
@@ -77,6 +78,8 @@ class LaunchOptions:
         ]
         for change in self.prompt_changes:
             args += ["--prompt-change", change]
+        for key, value in self.pipeline_options.items():
+            args += ["--pipeline-option", f"{key}={value}"]
         if self.dump_frames:
             args += ["--dump-frames", self.dump_frames]
         if self.compile:
@@ -101,7 +104,7 @@ class InvalidOption(ValueError):
 def check_options(opts: LaunchOptions) -> None:
     """Refuse, before anything starts, what every rank would refuse after startup: bad sizes, a config
     that fails RunConfig's rules, a pipeline that does not load, a preset it does not know, too few GPUs."""
-    from pp1.pipelines.loader import PipelineLoadError, load_factory
+    from pp1.pipelines.loader import PipelineLoadError, PipelineOptionError, load_factory
     from pydantic import ValidationError
 
     from .main import config_from_args
@@ -133,9 +136,11 @@ def check_options(opts: LaunchOptions) -> None:
         loc = "-".join(str(x) for x in err["loc"]).replace("_", "-")
         raise InvalidOption(f"--{loc}" if loc else "options", err["msg"].removeprefix("Value error, ")) from None
     try:
-        factory = load_factory(opts.pipeline)
+        factory = load_factory(opts.pipeline, opts.pipeline_options)
     except PipelineLoadError as exc:
         raise InvalidOption("--pipeline", str(exc)) from None
+    except PipelineOptionError as exc:
+        raise InvalidOption(f"--pipeline-option {exc.key}", exc.reason) from None
     try:
         factory.geometry(opts.preset)
     except Exception as exc:  # the pipeline's own words: unknown preset, bad shape, ...
@@ -279,6 +284,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny",
                    help="model preset of the pipeline (reference: micro, tiny, wan-1.3b-shape, krea-14b-shape)")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="module:factory")
+    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=pipeline_option_arg,
+                   default=[], metavar="KEY=VALUE", help="an option of the pipeline, e.g. checkpoint=PATH (repeatable)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL + gloo control")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--recompute-every", type=int, default=1, help="K: KV recompute every K chunks (0 = never)")
@@ -304,10 +311,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="show the ranks' logs")
 
 
+def pipeline_option_arg(text: str) -> tuple[str, str]:
+    from pp1.pipelines.loader import parsepipeline_option_arg
+
+    try:
+        return parsepipeline_option_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(
-        topology=args.topology, tp=args.tp, preset=args.preset, pipeline=args.pipeline, device=args.device,
-        dtype=args.dtype, chunks=args.chunks, recompute_every=args.recompute_every,
+        topology=args.topology, tp=args.tp, preset=args.preset, pipeline=args.pipeline,
+        pipeline_options=dict(args.pipeline_options or []), device=args.device, dtype=args.dtype, chunks=args.chunks, recompute_every=args.recompute_every,
         warmup_chunks=args.warmup_chunks, seed=args.seed, heartbeat_s=args.heartbeat_s,
         watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s, deadline_factor=args.deadline_factor,
         compile=args.compile, prompt=args.prompt, timeout_s=args.timeout_s, report_json=args.report_json,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import Lifecycle, make_lifecycle
-from pp1.pipelines.loader import load_factory
+from pp1.pipelines.loader import load_factory, parse_pipeline_option
 from pp1.protocol.config import RunConfig
 
 from . import faults as faults_mod
@@ -47,6 +47,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, help="mesh size M (default: from WORLD_SIZE)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="module:factory")
+    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=parse_pipeline_option,
+                   default=[], metavar="KEY=VALUE", help="an option of the pipeline (repeatable)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--compile", action="store_true")
@@ -94,7 +96,7 @@ def config_from_args(args: Any, world_size: int) -> RunConfig:
         world, mesh = m, tuple(range(m))
     return RunConfig(
         topology=args.topology, world_size=world, mesh_global_ranks=mesh, preset=args.preset,
-        pipeline=args.pipeline, dtype=args.dtype, device_backend="nccl" if args.device == "cuda" else "gloo",
+        pipeline=args.pipeline, pipeline_options=dict(args.pipeline_options or {}), dtype=args.dtype, device_backend="nccl" if args.device == "cuda" else "gloo",
         control_backend="gloo", compile=args.compile, seed=args.seed, recompute_every=args.recompute_every,
         heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s,
         deadline_factor=args.deadline_factor, warmup_chunks=args.warmup_chunks, context_source=args.context_source,
@@ -112,7 +114,7 @@ def build_loader(rt: DistributedRuntime, cfg: RunConfig):  # type: ignore[no-unt
     pure-TP rank 0."""
 
     def build() -> Loaded:
-        factory = load_factory(cfg.pipeline)
+        factory = load_factory(cfg.pipeline, cfg.pipeline_options)
         dtype = torch_dtype_of(cfg.dtype)
         loaded = Loaded(factory=factory, geometry=geometry_for(factory, cfg),
                         timesteps=tuple(factory.timesteps(cfg.preset)))

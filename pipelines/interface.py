@@ -85,6 +85,11 @@ class Generator(Protocol):
 
 @runtime_checkable
 class PipelineFactory(Protocol):
+    """What a pipeline must provide. Optional: ``with_options(options: dict[str, str]) ->
+    PipelineFactory``, the factory configured by ``--pipeline-option KEY=VALUE`` (parity-checked as
+    ``RunConfig.pipeline_options``; raise ``pp1.pipelines.loader.PipelineOptionError(key, reason)``
+    for a key or value it refuses). Without it, a run with options is refused before it starts."""
+
     name: str
 
     def geometry(self, preset: str) -> ChunkGeometry: ...

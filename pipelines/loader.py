@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
 
 from .interface import PipelineFactory
 
@@ -33,8 +34,47 @@ def _is_factory(obj: object) -> bool:
     return not isinstance(obj, type) and not _missing(obj)
 
 
-def load_factory(path: str = DEFAULT_PIPELINE) -> PipelineFactory:
-    """Import ``module``, resolve ``attr`` (dots allowed), call it if needed, check the result."""
+class PipelineOptionError(ValueError):
+    """A pipeline option (``--pipeline-option KEY=VALUE``) that the pipeline refuses: names the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key, self.reason = key, reason
+        super().__init__(f"pipeline option {key!r}: {reason}")
+
+
+def parse_pipeline_option(text: str) -> tuple[str, str]:
+    """``"KEY=VALUE"`` -> (key, value); ValueError saying what is wrong for anything else."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.-]*", key):
+        raise ValueError(f"expected KEY=VALUE (e.g. checkpoint=/models/krea.safetensors), got {text!r}")
+    return key, value
+
+
+def load_factory(path: str = DEFAULT_PIPELINE, options: Mapping[str, str] | None = None) -> PipelineFactory:
+    """Import ``module``, resolve ``attr`` (dots allowed), call it if needed, check the result; with
+    ``options`` (``--pipeline-option KEY=VALUE``), return ``factory.with_options(options)``: a pipeline
+    without ``with_options`` refuses options, and one that refuses a key raises PipelineOptionError."""
+    factory = _load(path)
+    if not options:
+        return factory
+    configure = getattr(factory, "with_options", None)
+    if not callable(configure):
+        raise PipelineOptionError(sorted(options)[0], f"pipeline {path!r} takes no options")
+    try:
+        configured = configure(dict(options))
+    except PipelineOptionError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PipelineOptionError(getattr(exc, "key", "?"), str(exc)) from exc
+    missing = _missing(configured)
+    if missing:
+        raise PipelineLoadError(path, f"with_options() returned a {type(configured).__name__} that is not a "
+                                f"PipelineFactory: missing {', '.join(missing)}")
+    return configured  # type: ignore[no-any-return]
+
+
+def _load(path: str) -> PipelineFactory:
     if not isinstance(path, str) or not _PATH.match(path):
         raise PipelineLoadError(str(path), "expected 'package.module:factory' (a module path, a colon, "
                                 f"an attribute), e.g. {DEFAULT_PIPELINE!r}")

@@ -23,6 +23,8 @@ class RunConfig(BaseModel):
     mesh_global_ranks: tuple[int, ...] = (1, 2)
     preset: str = "tiny"
     pipeline: str = "pp1.pipelines.reference:factory"
+    # ``--pipeline-option KEY=VALUE``: handed to the pipeline's ``with_options`` on every rank
+    pipeline_options: dict[str, str] = Field(default_factory=dict)
     dtype: str = "float32"
     device_backend: str = "gloo"
     control_backend: str = "gloo"

@@ -64,3 +64,42 @@ def test_load_errors_say_what_is_wrong(plugin: str, path: str, message: str) -> 
         load_factory(path)
     assert message in str(e.value)
     assert repr(path) in str(e.value)
+
+
+def test_options_go_through_with_options_and_refusals_name_the_key(tmp_path: Path, monkeypatch) -> None:
+    from pp1.pipelines.loader import PipelineOptionError, parse_pipeline_option
+
+    (tmp_path / "pp1_test_opts_plugin.py").write_text(textwrap.dedent("""
+        from pp1.pipelines.loader import PipelineOptionError
+        from pp1.pipelines.reference.factory import ReferenceFactory
+
+        class Configurable(ReferenceFactory):
+            options = {}
+
+            def with_options(self, options):
+                for key in options:
+                    if key != "steps":
+                        raise PipelineOptionError(key, "unknown option; known: steps")
+                made = Configurable()
+                made.options = dict(options)
+                return made
+
+        def factory():
+            return Configurable()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        f = load_factory("pp1_test_opts_plugin:factory", {"steps": "2"})
+        assert f.options == {"steps": "2"}  # type: ignore[attr-defined]
+        with pytest.raises(PipelineOptionError) as e:
+            load_factory("pp1_test_opts_plugin:factory", {"stepz": "2"})
+        assert e.value.key == "stepz" and "unknown option" in str(e.value)
+        with pytest.raises(PipelineOptionError) as e:  # the reference takes no options
+            load_factory(DEFAULT_PIPELINE, {"steps": "2"})
+        assert e.value.key == "steps" and "takes no options" in str(e.value)
+    finally:
+        sys.modules.pop("pp1_test_opts_plugin", None)
+    assert parse_pipeline_option("checkpoint=/a=b") == ("checkpoint", "/a=b")
+    for bad in ("nokey", "=v", "1x=2"):
+        with pytest.raises(ValueError):
+            parse_pipeline_option(bad)
