@@ -312,10 +312,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def pipeline_option_arg(text: str) -> tuple[str, str]:
-    from pp1.pipelines.loader import parsepipeline_option_arg
+    from pp1.pipelines.loader import parse_pipeline_option
 
     try:
-        return parsepipeline_option_arg(text)
+        return parse_pipeline_option(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
