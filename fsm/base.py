@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pp1.protocol.errors import LocalProtocolError
 from transitions import Machine, MachineError
+
+from pp1.protocol.errors import LocalProtocolError
 
 log = logging.getLogger("pp1.fsm")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from pp1.protocol.geometry import ChunkGeometry
 
 from .interface import ChunkCall, ChunkOutput, Generator, PipelineFactory, Stage0

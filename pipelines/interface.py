@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
 from pp1.protocol.geometry import ChunkGeometry
 
 from .comm import Communicator

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from pp1.protocol.geometry import ChunkGeometry
 
 from .contract import verify_generator_output

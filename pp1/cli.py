@@ -9,8 +9,8 @@ import sys
 
 # name -> (module, one-line help). Each module has add_arguments(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("pp1.adapters.launcher", "launch the whole job through torchrun and drive N chunks headless"),
-    "bench": ("pp1.adapters.bench", "run configurations one after another; write JSON and a Markdown table"),
+    "run": ("pp1.adapters.launch.launcher", "launch the whole job through torchrun and drive N chunks headless"),
+    "bench": ("pp1.adapters.launch.bench", "run configurations one after another; write JSON and a Markdown table"),
     "diagrams": ("pp1.diagrams_cmd", "write the state diagrams in specs/ (--check: fail when they drift)"),
 }
 

@@ -76,7 +76,7 @@ export PYTHONPATH="$SHIM:$PYTHONPATH"
 # alone) would shadow the shim. Everything below (and the ranks, which inherit it) runs from the shim.
 cd "$SHIM"
 if ! "$PY" - <<'EOF'
-import pp1, pp1.adapters.bench, pp1.adapters.main, pp1.pipelines.reference, pydantic, transitions, torch
+import pp1, pp1.adapters.launch.bench, pp1.adapters.roles.main, pp1.pipelines.reference, pydantic, transitions, torch
 print(f"device_bench: pp1 from {pp1.__path__[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"pydantic {pydantic.VERSION}, transitions {transitions.__version__}")
 EOF

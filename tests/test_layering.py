@@ -5,7 +5,12 @@
     ``pipelines/`` (model code) never touches torch.distributed: collectives go through the
     Communicator handed in.
 (b) Arrows point down: protocol -> nothing of ours; fsm -> protocol; pipelines -> protocol;
-    adapters -> protocol, fsm, pipelines; server -> adapters and below; pp1 (the CLI) -> anything.
+    adapters -> protocol, fsm, pipelines; server -> adapters and below; testing (test doubles and
+    fault drills, out of the shipped runtime) -> all but server and the CLI; pp1 (the CLI) -> anything.
+    Inside adapters/, by layer: transport (torch.distributed runtime, wire, channels: nothing of fsm
+    or pipelines) <- rank (one process of any role: options, startup, observe, faults) <- front (the
+    front's engine, what the server drives) <- roles (the executors of each role) ; launch
+    (launcher, bench) sees rank only. Nothing shipped imports ``pp1.testing``.
     Our code is imported as ``pp1.xxx``, never by its folder name.
 
 A failure names the file, the line and the forbidden import or call.
@@ -28,16 +33,36 @@ FOLDERS: dict[str, str] = {
     "pipelines": "pp1.pipelines",
     "adapters": "pp1.adapters",
     "server": "pp1.server",
+    "testing": "pp1.testing",
     "pp1": "pp1",
 }
-LAYERS = ("protocol", "fsm", "pipelines", "adapters", "server", "pp1")
+LAYERS = ("protocol", "fsm", "pipelines", "adapters", "server", "testing", "pp1")
+_BELOW_ADAPTERS = {"protocol", "fsm", "pipelines"}
 ALLOWED: dict[str, set[str] | None] = {  # None: anything
     "protocol": {"protocol"},
     "fsm": {"fsm", "protocol"},
     "pipelines": {"pipelines", "protocol"},
-    "adapters": {"adapters", "protocol", "fsm", "pipelines"},
-    "server": {"server", "adapters", "protocol", "fsm", "pipelines"},
+    "adapters": {"adapters", *_BELOW_ADAPTERS},
+    "server": {"server", "adapters", *_BELOW_ADAPTERS},
+    "testing": {"testing", "adapters", *_BELOW_ADAPTERS},
     "pp1": None,
+}
+# adapters/<sub>/ -> the adapters sub-layers it may import (its own included)
+ADAPTER_SUBLAYERS = ("transport", "rank", "front", "roles", "launch")
+ADAPTER_ALLOWED: dict[str, set[str]] = {
+    "transport": {"transport"},
+    "rank": {"transport", "rank"},
+    "front": {"transport", "rank", "front"},
+    "roles": {"transport", "rank", "front", "roles"},
+    "launch": {"rank", "launch"},
+}
+# what each adapters sub-layer may import of the layers below adapters
+ADAPTER_BELOW: dict[str, set[str]] = {
+    "transport": {"protocol"},
+    "rank": _BELOW_ADAPTERS,
+    "front": _BELOW_ADAPTERS,
+    "roles": _BELOW_ADAPTERS,
+    "launch": _BELOW_ADAPTERS,
 }
 
 IO_MODULES = (
@@ -84,6 +109,14 @@ def layer_of(module: str) -> str | None:
     if len(parts) > 1 and parts[1] in FOLDERS and parts[1] != "pp1":
         return parts[1]
     return "pp1"
+
+
+def adapter_sublayer(module: str) -> str | None:
+    """``pp1.adapters.transport.wire`` -> "transport"; other modules -> None."""
+    parts = module.split(".")
+    if len(parts) > 2 and parts[:2] == ["pp1", "adapters"] and parts[2] in ADAPTER_SUBLAYERS:
+        return parts[2]
+    return None
 
 
 def module_name(path: Path, root: Path) -> tuple[str, bool]:
@@ -164,6 +197,15 @@ def scan_file(path: Path, root: Path) -> list[Violation]:
                 Violation(rel, line, f"imports {name}", "import our code as pp1.xxx, not by folder name")
             )
         target = layer_of(name)
+        sub = adapter_sublayer(module)
+        if sub is not None and target is not None:
+            target_sub = adapter_sublayer(name)
+            if target == "adapters" and target_sub is not None and target_sub not in ADAPTER_ALLOWED[sub]:
+                out.append(Violation(rel, line, f"imports {name}",
+                                     f"adapters/{sub}/ may import only adapters/{sorted(ADAPTER_ALLOWED[sub])}"))
+            elif target in _BELOW_ADAPTERS and target not in ADAPTER_BELOW[sub]:
+                out.append(Violation(rel, line, f"imports {name}",
+                                     f"adapters/{sub}/ may import only {sorted(ADAPTER_BELOW[sub])} below adapters"))
         if target is not None and allowed is not None and target not in allowed:
             # ``from pp1 import protocol`` yields "pp1" too; only the submodule form decides then.
             if target == "pp1" and name == "pp1" and _imports_only_subpackages(tree, line):
@@ -258,6 +300,14 @@ BAD_SOURCES = [
     ),
     ("server/a.py", "from pp1.cli import main\n", "imports pp1.cli"),
     ("adapters/a.py", "from protocol.messages import Action\n", "imports protocol.messages"),
+    ("adapters/transport/a.py", "from pp1.fsm.chunk import ChunkMachine\n", "imports pp1.fsm.chunk"),
+    ("adapters/transport/a.py", "from pp1.adapters.rank import observe\n", "imports pp1.adapters.rank.observe"),
+    ("adapters/rank/a.py", "from pp1.adapters.roles.leader import x\n", "imports pp1.adapters.roles.leader"),
+    ("adapters/front/a.py", "from pp1.adapters.roles import worker\n", "imports pp1.adapters.roles.worker"),
+    ("adapters/launch/a.py", "from pp1.adapters.transport.runtime import x\n", "imports pp1.adapters.transport.runtime"),
+    ("adapters/launch/a.py", "from pp1.testing import standin\n", "imports pp1.testing.standin"),
+    ("server/a.py", "from pp1.testing.standin import factory\n", "imports pp1.testing.standin"),
+    ("testing/a.py", "from pp1.server import app\n", "imports pp1.server.app"),
 ]
 
 
@@ -279,6 +329,9 @@ GOOD_SOURCES = [
     ),
     ("server/a.py", "from pp1.adapters import runtime\nimport asyncio\n"),
     ("pp1/cli.py", "from pp1.server import app\nfrom pp1.adapters import launcher\n"),
+    ("adapters/roles/a.py", "from pp1.adapters.front.engine import x\nfrom pp1.fsm import chunk\n"),
+    ("adapters/transport/a.py", "from pp1.protocol.codec import encode\nfrom . import wire\n"),
+    ("testing/a.py", "from pp1.adapters.roles import leader\n"),
     ("adapters/a.py", "with open('x') as f:\n    pass\nimport time\ntime.sleep(0)\n"),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from pp1.protocol.geometry import ChunkGeometry
 
 from ..comm import Communicator

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+
 from pp1.protocol.geometry import ChunkGeometry
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (1000, 750, 500, 250)

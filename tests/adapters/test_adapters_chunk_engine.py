@@ -7,18 +7,19 @@ import time
 
 import pytest
 import torch
-from pp1.adapters.chunk_engine import ChunkEngine
-from pp1.adapters.faults import FaultPlan, parse_faults
-from pp1.adapters.front_main import make_machine
-from pp1.adapters.leader_main import LeaderDriver, make_relay
-from pp1.adapters.runtime import ChannelPoisoned, DistributedRuntime
-from pp1.adapters.standin import factory
-from pp1.adapters.startup import Loaded
-from pp1.adapters.tp_channel import TPControlPlane
-from pp1.adapters.tp_main import LocalLink, LocalSink
+
+from pp1.adapters.front.engine import ChunkEngine
+from pp1.adapters.rank.faults import FaultPlan, parse_faults
+from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.roles.front import make_machine
+from pp1.adapters.roles.leader import LeaderDriver, make_relay
+from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
+from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.protocol.config import RunConfig
 from pp1.protocol.messages import T_CONTEXT, Action, ErrorCode, PPResultV1
+from pp1.testing.standin import factory
 
 CPU, F32 = torch.device("cpu"), torch.float32
 

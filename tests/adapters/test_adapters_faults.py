@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pp1.adapters.faults import FaultPlan, InjectedFault, parse_faults, record
+
+from pp1.adapters.rank.faults import FaultPlan, InjectedFault, parse_faults, record
 
 
 def test_parse_faults_several_and_args() -> None:

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from pp1.adapters import launcher
-from pp1.adapters.chunk_engine import ChunkEngine
-from pp1.adapters.faults import FaultPlan
-from pp1.adapters.frame_dump import FrameDump, check_dump_dir, frames_path, latents_path
-from pp1.adapters.front_main import frame_dump, make_machine
-from pp1.adapters.launcher import InvalidOption, LaunchOptions, check_options
-from pp1.adapters.leader_main import LeaderDriver, make_relay
-from pp1.adapters.runtime import DistributedRuntime
-from pp1.adapters.startup import Loaded
-from pp1.adapters.tp_channel import TPControlPlane
-from pp1.adapters.tp_main import LocalLink, LocalSink
+
+from pp1.adapters.launch import launcher
+from pp1.adapters.front.engine import ChunkEngine
+from pp1.adapters.front.frame_dump import FrameDump, frames_path, latents_path
+from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.options import check_dump_dir
+from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.roles.front import frame_dump, make_machine
+from pp1.adapters.roles.leader import LeaderDriver, make_relay
+from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.local_loop import ChunkSchedule, run_loop
 from pp1.pipelines.reference import factory as reference_factory
@@ -150,7 +152,7 @@ def test_dump_frames_reaches_every_rank_and_pp1_run() -> None:
     p = argparse.ArgumentParser()
     launcher.add_arguments(p)
     assert launcher.options_from_args(p.parse_args(["--dump-frames", "d"])).dump_frames == "d"
-    from pp1.adapters.main import build_parser
+    from pp1.adapters.roles.main import build_parser
 
     assert build_parser().parse_args(["--dump-frames", "d"]).dump_frames == "d"
 

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from pp1.adapters.launcher import InvalidOption, LaunchOptions, check_options
+
+from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
 
 
 def test_defaults_are_valid() -> None:

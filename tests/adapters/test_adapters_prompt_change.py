@@ -9,23 +9,26 @@ import time
 
 import pytest
 import torch
-from pp1.adapters.chunk_engine import ChunkEngine, summarise
-from pp1.adapters.faults import FaultPlan
-from pp1.adapters.front_main import make_machine
-from pp1.adapters.launcher import InvalidOption, LaunchOptions, check_options
-from pp1.adapters.leader_main import LeaderDriver, make_relay
-from pp1.adapters.main import build_parser, config_from_args
-from pp1.adapters.prompt_changes import PromptChange, PromptScript, parse_prompt_changes
-from pp1.adapters.runtime import DistributedRuntime
-from pp1.adapters.standin import factory
-from pp1.adapters.startup import Loaded
-from pp1.adapters.tp_channel import TPControlPlane
-from pp1.adapters.tp_main import LocalLink, LocalSink
+
+from pp1.adapters.front.engine import ChunkEngine, summarise
+from pp1.adapters.front.prompt_script import PromptScript
+from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
+from pp1.adapters.rank import options
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.options import PromptChange, parse_prompt_changes
+from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.roles.front import make_machine
+from pp1.adapters.roles.leader import LeaderDriver, make_relay
+from pp1.adapters.roles.main import build_parser
+from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.chunk import ChunkMachine
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.protocol.config import RunConfig
 from pp1.protocol.errors import LocalProtocolError
 from pp1.protocol.messages import T_CONTEXT, Action, PPResultV1
+from pp1.testing.standin import factory
 
 CPU, F32 = torch.device("cpu"), torch.float32
 FOX = "a red fox in the snow"
@@ -320,10 +323,10 @@ def test_options_reach_the_ranks_and_context_source_is_part_of_the_run_config() 
     with pytest.raises(InvalidOption) as exc:
         check_options(LaunchOptions(context_source="pixels"))
     assert exc.value.option == "--context-source"
-    args = build_parser().parse_args(opts.rank_args("/tmp/r.json"))
-    assert args.prompt_change == ["4:" + FOX]
-    assert parse_prompt_changes(args.prompt_change) == [PromptChange(4, FOX)]
-    cfg = config_from_args(args, opts.nproc)
+    args = options.from_namespace(build_parser().parse_args(opts.rank_args("/tmp/r.json")))
+    assert args.prompt_changes == ["4:" + FOX]
+    assert parse_prompt_changes(args.prompt_changes) == [PromptChange(4, FOX)]
+    cfg = options.run_config(args, opts.nproc)
     assert cfg.context_source == "reencode"
     assert cfg.digest() != cfg.model_copy(update={"context_source": "latents"}).digest()
     assert RunConfig().context_source == "latents"

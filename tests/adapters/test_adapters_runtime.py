@@ -8,10 +8,11 @@ import sys
 import textwrap
 
 import pytest
-from pp1.adapters.localjob import free_port
-from pp1.adapters.runtime import DistributedRuntime
+
+from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.protocol.config import RunConfig
 from pp1.protocol.errors import LocalProtocolError
+from pp1.testing.localjob import free_port
 
 
 def _pp1(m: int) -> RunConfig:
@@ -60,7 +61,7 @@ def test_unknown_purpose_and_non_member_are_local_errors() -> None:
 
 GROUP_CHECKS = textwrap.dedent("""
     import torch, torch.distributed as dist
-    from pp1.adapters.runtime import DistributedRuntime
+    from pp1.adapters.transport.runtime import DistributedRuntime
     from pp1.protocol.config import RunConfig
     from pp1.protocol.errors import LocalProtocolError
     rt = DistributedRuntime.from_env(RunConfig(topology="tp", world_size=1, mesh_global_ranks=(0,)))

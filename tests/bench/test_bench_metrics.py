@@ -7,7 +7,8 @@ import json
 import threading
 
 import pytest
-from pp1.adapters.bench import (
+
+from pp1.adapters.launch.bench import (
     BenchConfig,
     BenchOptions,
     compute_metrics,
@@ -17,8 +18,8 @@ from pp1.adapters.bench import (
     percentile,
     run_bench,
 )
-from pp1.adapters.launcher import LaunchOptions, RunReport
-from pp1.adapters.peak_memory import peak_bytes, peak_memory, peaks_by_rank
+from pp1.adapters.launch.launcher import LaunchOptions, RunReport
+from pp1.adapters.rank.peak_memory import peak_bytes, peak_memory, peaks_by_rank
 
 METRIC_KEYS = ("period_p50_ms", "period_p99_ms", "video_fps", "mesh_ms", "stage0_ms", "pp_overhead_ms",
                "overlap_score", "time_to_first_frame_s")
@@ -100,7 +101,7 @@ def test_run_bench_writes_json_and_markdown(tmp_path) -> None:
         return RunReport(ok=ok, exit_code=0 if ok else 1, wall_s=1.0, chunks=rep["chunks"], events=events,
                          report=rep, failure=None if ok else "rank 0 (leader): boom", log_tail=["x"])
 
-    opts = BenchOptions(preset="tiny", configs=parse_configs("pp1:2,tp:1"), chunks=4, warmup_chunks=2,
+    opts = BenchOptions(preset="tiny", configs=parse_configs("pp1:2,tp:1"), chunks=4, drop_chunks=2,
                         out_dir=str(tmp_path), label="unit")
     result = run_bench(opts, launch_fn=fake_launch, log=lambda s: None)
     assert [lo.chunks for lo in seen] == [6, 6] and seen[0].nproc == 3 and seen[0].dtype == "float32"

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from pp1.fsm.base import ProtocolMachine
-from pp1.fsm.diagrams import INDEX_FILE, all_diagrams, machine_classes, mermaid
 
 from pp1.cli import main as cli_main
+from pp1.fsm.base import ProtocolMachine
+from pp1.fsm.diagrams import INDEX_FILE, all_diagrams, machine_classes, mermaid
 
 CLASSES = machine_classes()
 IDS = [c.NAME for c in CLASSES]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pp1.fsm.base import InvalidEvent
 from pp1.fsm.lifecycle import LIFECYCLES, Lifecycle, make_lifecycle, role_of
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fsm_roles_helpers import build, force_state
+
 from pp1.fsm.base import FAIL, FAILED, InvalidEvent, ProtocolMachine
 from pp1.fsm.diagrams import machine_classes
 

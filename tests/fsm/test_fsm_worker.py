@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from fsm_roles_helpers import GEOMETRY, TIMESTEPS, control, infer
+
 from pp1.fsm.base import InvalidEvent
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK, EXIT_ORPHAN, Exit, RecvTensors, RunShard, SendResult, SendTP
 from pp1.fsm.leader import LeaderRelay, expected_calls, warmup_plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from chunk_helpers import TIMESTEPS, answer, machine, run_chunk, send
+
 from pp1.fsm.base import InvalidEvent
 from pp1.fsm.chunk import (
     CHUNK_STATES,

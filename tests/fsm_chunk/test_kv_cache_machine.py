@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pp1.fsm.base import InvalidEvent
 from pp1.fsm.kv_cache import KV_STATES, KVCacheMachine
 

@@ -5,14 +5,15 @@ its process group on any exit path."""
 from __future__ import annotations
 
 import pytest
-from pp1.adapters.launcher import LaunchOptions, _first_failure, launch
+
+from pp1.adapters.launch.launcher import LaunchOptions, _first_failure, launch
 
 pytestmark = pytest.mark.multiproc
 
 
 @pytest.mark.timeout(120)
 def test_launch_through_torchrun_reports_chunks(tmp_path) -> None:
-    opts = LaunchOptions(pipeline="pp1.adapters.standin:factory", tp=2, chunks=3, heartbeat_s=0.25, watchdog_s=2.0,
+    opts = LaunchOptions(pipeline="pp1.testing.standin:factory", tp=2, chunks=3, heartbeat_s=0.25, watchdog_s=2.0,
                          timeout_s=100, report_json=str(tmp_path / "r.json"))
     events: list[dict] = []
     rep = launch(opts, on_event=events.append)

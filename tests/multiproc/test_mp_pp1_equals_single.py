@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import torch
-from pp1.adapters.frame_dump import frames_path, latents_path
-from pp1.adapters.localjob import LocalJob
+
+from pp1.adapters.front.frame_dump import frames_path, latents_path
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.local_loop import ChunkSchedule, LoopResult, run_loop
 from pp1.pipelines.reference import factory as reference_factory
+from pp1.testing.localjob import LocalJob
 
 pytestmark = pytest.mark.multiproc
 

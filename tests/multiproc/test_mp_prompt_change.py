@@ -4,8 +4,9 @@ pipeline): ranks are this test's subprocesses (adapters/localjob.py), killed by 
 from __future__ import annotations
 
 import pytest
-from pp1.adapters.fault_scenarios import BASE_ARGS
-from pp1.adapters.localjob import LocalJob
+
+from pp1.testing.fault_scenarios import BASE_ARGS
+from pp1.testing.localjob import LocalJob
 
 pytestmark = pytest.mark.multiproc
 

@@ -13,8 +13,9 @@ import signal
 import time
 
 import pytest
-from pp1.adapters.fault_scenarios import BASE_ARGS, SCENARIOS, W, run_scenario
-from pp1.adapters.localjob import LocalJob
+
+from pp1.testing.fault_scenarios import BASE_ARGS, SCENARIOS, W, run_scenario
+from pp1.testing.localjob import LocalJob
 
 pytestmark = pytest.mark.multiproc
 

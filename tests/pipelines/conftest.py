@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.reference import factory as reference_factory
 from pp1.pipelines.reference.factory import ReferenceFactory

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.interface import ChunkOutput
 from pp1.pipelines.local_loop import ChunkSchedule, build_mesh, copy_call, mesh_runner, run_loop

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.contract import (
     Finding,

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from pp1.pipelines.loader import DEFAULT_PIPELINE, PipelineLoadError, load_factory
 from pp1.pipelines.reference.factory import ReferenceFactory
 

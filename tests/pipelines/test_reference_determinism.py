@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.local_loop import ChunkSchedule, run_loop
 from pp1.pipelines.reference.generator import ReferenceGenerator

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.contract import InvalidChunkCall, synthetic_call
 from pp1.pipelines.local_loop import ChunkSchedule, run_loop

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from pp1.pipelines.local_loop import ChunkSchedule, build_mesh, mesh_runner, run_loop
 from pp1.pipelines.threaded_comm import ThreadedMesh
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from pp1.pipelines.reference.sharding import ShardPlan, shard_offsets, shard_range, split_sizes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
+
 from pp1.protocol.codec import torch_dtype
 from pp1.protocol.geometry import ChunkGeometry
 from pp1.protocol.messages import (

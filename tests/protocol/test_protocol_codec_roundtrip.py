@@ -10,6 +10,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_strategies import (
+    any_message,
+    envelopes,
+    geometries,
+    latents_spec,
+    make_tensor,
+    message_with_tensors,
+    readies,
+    results,
+    tp_headers,
+    valid_infer,
+)
+
 from pp1.protocol import codec
 from pp1.protocol.codec import (
     HEADER_SIZE,
@@ -34,18 +47,6 @@ from pp1.protocol.preflight import (
     validate_tp_header,
 )
 from pp1.protocol.tensors import TensorSpec
-from protocol_strategies import (
-    any_message,
-    envelopes,
-    geometries,
-    latents_spec,
-    make_tensor,
-    message_with_tensors,
-    readies,
-    results,
-    tp_headers,
-    valid_infer,
-)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_strategies import any_message
+
 from pp1.protocol.codec import (
     HEADER_SIZE,
     MAX_META_BYTES,
@@ -26,7 +28,6 @@ from pp1.protocol.codec import (
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 from pp1.protocol.messages import Action, MessageKind, PPEnvelopeV1, PPResultV1
 from pp1.protocol.tensors import TensorSpec
-from protocol_strategies import any_message
 
 ENV = PPEnvelopeV1(
     action=Action.INFER,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from pp1.protocol.codec import Frames, alloc_tensors, encode
 from pp1.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pp1.protocol.geometry import ChunkGeometry

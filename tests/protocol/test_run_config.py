@@ -1,8 +1,9 @@
 """RunConfig: consistent topologies only; parity reports per-key diffs."""
 
 import pytest
-from pp1.protocol.config import RunConfig, parity_report
 from pydantic import ValidationError
+
+from pp1.protocol.config import RunConfig, parity_report
 
 
 def test_default_is_front_plus_two_mesh_ranks() -> None:

@@ -13,18 +13,18 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import set_state
+from pp1.adapters.rank.startup import Loaded, RankExit
+from pp1.adapters.roles.shard import run_shard, warmup_tensors
+from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime, PeerLost
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK, EXIT_ORPHAN, Exit, Intent, RecvTensors, RunShard
 from pp1.fsm.lifecycle import Lifecycle
 from pp1.fsm.worker import WorkerLoop
 from pp1.protocol.errors import RemoteProtocolError
 from pp1.protocol.messages import Action, TPHeaderV1
-
-from .faults import FaultPlan
-from .observe import set_state
-from .runtime import ChannelPoisoned, DistributedRuntime, PeerLost
-from .shard import run_shard, warmup_tensors
-from .startup import Loaded, RankExit
-from .tp_channel import TPControlPlane
 
 log = logging.getLogger("pp1.adapters.worker")
 

@@ -11,54 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from pp1.adapters.rank.options import PromptChange
 from pp1.pipelines.interface import Stage0
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .chunk_engine import ChunkEngine, ChunkRecord
+    from pp1.adapters.front.engine import ChunkEngine, ChunkRecord
 
-log = logging.getLogger("pp1.adapters.prompt_changes")
-
-OPTION = "--prompt-change"
-
-
-@dataclass(frozen=True)
-class PromptChange:
-    after_chunks: int  # change once this many chunks were shown
-    prompt: str
-
-
-def parse_prompt_change(text: str) -> PromptChange:
-    """``"CHUNK:TEXT"`` -> PromptChange; ValueError (saying what is wrong) for anything else."""
-    head, sep, prompt = text.partition(":")
-    if not sep:
-        raise ValueError(f"expected CHUNK:TEXT (e.g. 4:\"a red fox\"), got {text!r}")
-    try:
-        after = int(head.strip())
-    except ValueError:
-        raise ValueError(f"CHUNK must be an integer in CHUNK:TEXT, got {head!r}") from None
-    if after < 1:
-        raise ValueError(f"CHUNK must be >= 1 (chunks shown before the change), got {after}")
-    if not prompt.strip():
-        raise ValueError(f"TEXT must not be empty in CHUNK:TEXT, got {text!r}")
-    return PromptChange(after, prompt)
-
-
-def parse_prompt_changes(texts: Sequence[str], chunks: int | None = None) -> list[PromptChange]:
-    """Every ``CHUNK:TEXT``, sorted by CHUNK; one change per CHUNK; with ``chunks`` (the run's total),
-    each CHUNK must come before the run ends (CHUNK < chunks)."""
-    changes = sorted((parse_prompt_change(t) for t in texts), key=lambda c: c.after_chunks)
-    seen: set[int] = set()
-    for c in changes:
-        if c.after_chunks in seen:
-            raise ValueError(f"two prompt changes after chunk {c.after_chunks}")
-        seen.add(c.after_chunks)
-        if chunks is not None and c.after_chunks >= chunks:
-            raise ValueError(f"a change after {c.after_chunks} chunks never happens in a run of {chunks} chunks")
-    return changes
+log = logging.getLogger("pp1.adapters.front.prompt_script")
 
 
 class PromptScript:

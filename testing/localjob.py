@@ -1,7 +1,7 @@
 """A job of ranks started as this process's own subprocesses (not through torchrun), so that each
 rank's exit code and exit time are observable: the multi-process tests and the fault table use it.
 
-Each rank runs ``python -m pp1.adapters.main`` with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
+Each rank runs ``python -m pp1.adapters.roles.main`` with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 (127.0.0.1) / MASTER_PORT in its environment; stdout (events) and stderr (logs) go to files.
 Every rank is killed by pid on exit from the ``with`` block, whatever happened.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .observe import parse_event
+from pp1.adapters.rank.observe import parse_event
 
 
 def free_port() -> int:
@@ -77,7 +77,7 @@ class LocalJob:
                 "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PP1_FAULT_TIMES": str(self.times_path),
                 **self.env,
             }
-            argv = [self.python, "-m", "pp1.adapters.main", *self.args, "--report-json", str(self.report_path),
+            argv = [self.python, "-m", "pp1.adapters.roles.main", *self.args, "--report-json", str(self.report_path),
                     *self.rank_args.get(r, [])]
             out, err = self.workdir / f"rank{r}.out", self.workdir / f"rank{r}.err"
             with open(out, "w") as fo, open(err, "w") as fe:

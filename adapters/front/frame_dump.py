@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("pp1.adapters.frame_dump")
+from pp1.adapters.rank.options import check_dump_dir
+
+log = logging.getLogger("pp1.adapters.front.frame_dump")
 
 _STOP = object()
 
@@ -30,16 +32,6 @@ def frames_path(directory: str | os.PathLike[str], cache_epoch: int, chunk_index
 
 def latents_path(directory: str | os.PathLike[str], cache_epoch: int, chunk_index: int) -> Path:
     return Path(directory) / f"epoch{cache_epoch}_chunk{chunk_index}_latents.pt"
-
-
-def check_dump_dir(directory: str) -> None:
-    """Create ``directory`` (and parents); raise ValueError when it cannot be created or written."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create {directory!r}: {exc.strerror or exc}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{directory!r} is not writable")
 
 
 class DumpLink:

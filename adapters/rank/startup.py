@@ -19,17 +19,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import emit_event, set_state
+from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
 from pp1.fsm.intents import EXIT_FAILED
 from pp1.fsm.lifecycle import Lifecycle
 from pp1.pipelines.interface import Generator, PipelineFactory, Stage0
 from pp1.protocol.config import RunConfig, parity_report
 from pp1.protocol.geometry import ChunkGeometry
 
-from .faults import FaultPlan
-from .observe import emit_event, set_state
-from .runtime import DistributedRuntime, PeerLost
-
-log = logging.getLogger("pp1.adapters.startup")
+log = logging.getLogger("pp1.adapters.rank.startup")
 
 
 class RankExit(Exception):

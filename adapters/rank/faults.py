@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-log = logging.getLogger("pp1.adapters.faults")
+log = logging.getLogger("pp1.adapters.rank.faults")
 
 ENV_FAULT = "PP1_FAULT"
 ENV_TIMES = "PP1_FAULT_TIMES"

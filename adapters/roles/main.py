@@ -1,4 +1,4 @@
-"""The torchrun entry of every rank: ``python -m pp1.adapters.main [options]``.
+"""The torchrun entry of every rank: ``python -m pp1.adapters.roles.main [options]``.
 
 Parses the run config, runs the common startup, dispatches by role (front, leader, worker, or
 pure-TP rank 0), and maps the outcome to an exit code (0 orderly shutdown, 1 failed, 3 orphan).
@@ -19,88 +19,29 @@ import threading
 import time
 from typing import Any
 
+from pp1.adapters.rank import options
+from pp1.adapters.rank.faults import FaultPlan, record
+from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
+from pp1.adapters.rank.peak_memory import emit_peak_memory
+from pp1.adapters.rank.startup import Loaded, RankExit, Startup, geometry_for, torch_dtype_of
+from pp1.adapters.roles.front import FrontSession
+from pp1.adapters.transport.communicator import MeshCommunicator
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import Lifecycle, make_lifecycle
-from pp1.pipelines.loader import load_factory, parse_pipeline_option
+from pp1.pipelines.loader import load_factory
 from pp1.protocol.config import RunConfig
 
-from . import faults as faults_mod
-from .faults import FaultPlan
-from .front_main import FrontSession
-from .observe import emit_event, set_state, setup_logging
-from .peak_memory import emit_peak_memory
-from .prompt_changes import parse_prompt_changes
-from .runtime import DistributedRuntime
-from .shard import MeshCommunicator
-from .startup import Loaded, RankExit, Startup, geometry_for, torch_dtype_of
-from .tp_channel import TPControlPlane
+log = logging.getLogger("pp1.adapters.roles.main")
 
-log = logging.getLogger("pp1.adapters.main")
-
-DEFAULT_PIPELINE = "pp1.pipelines.reference:factory"
 EXIT_USAGE = 2
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Options that make the RunConfig (parity-checked) and the run (not checked)."""
-    p.add_argument("--topology", choices=["pp1", "tp"], default="pp1")
-    p.add_argument("--tp", type=int, default=None, help="mesh size M (default: from WORLD_SIZE)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="module:factory")
-    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=parse_pipeline_option,
-                   default=[], metavar="KEY=VALUE", help="an option of the pipeline (repeatable)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recompute-every", type=int, default=1)
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--watchdog-s", type=float, default=5.0)
-    p.add_argument("--deadline-floor-s", type=float, default=30.0)
-    p.add_argument("--deadline-factor", type=float, default=4.0)
-    p.add_argument("--warmup-chunks", type=int, default=1)
-    p.add_argument("--context-source", choices=["latents", "reencode"], default="latents",
-                   help="KV-recompute context: the previous latents, or with the first re-encoded by the VAE")
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunks", type=int, default=8, help="chunks the front drives (then --then)")
-    p.add_argument("--then", choices=["shutdown", "idle"], default="shutdown",
-                   help="after the chunks: shut the job down, or stay idle (heartbeats) until SIGTERM")
-    p.add_argument("--prompt", default="a calm sea at dawn")
-    p.add_argument("--prompt-change", action="append", default=[], metavar="CHUNK:TEXT",
-                   help="front: after CHUNK shown chunks change the prompt to TEXT (hard cut); repeatable")
-    p.add_argument("--report-json", default=None, help="the front writes per-chunk timings here")
-    p.add_argument("--dump-frames", default=None, metavar="DIR",
-                   help="front only, a debugging/test aid: save each shown chunk's frames (uint8 [F,H,W,3]) and "
-                   "latents to DIR/epoch{e}_chunk{k}[_latents].pt (torch.save, on a background thread)")
-    p.add_argument("--pg-timeout-s", type=float, default=600.0, help="process-group timeout (startup waits)")
-    p.add_argument("--ready-timeout-s", type=float, default=600.0, help="front: wait for READY at most this")
-    p.add_argument("--fail-grace-s", type=float, default=1.0, help="front: delay before a non-zero exit")
-    p.add_argument("--teardown-s", type=float, default=3.0, help="bound on destroy_process_group")
-    p.add_argument("--log-level", default="INFO")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pp1.adapters.main", description=__doc__)
-    add_config_arguments(p)
-    add_run_arguments(p)
+    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description=__doc__)
+    options.add_arguments(p, options.RANK)
     return p
-
-
-def config_from_args(args: Any, world_size: int) -> RunConfig:
-    m = args.tp if args.tp is not None else (world_size - 1 if args.topology == "pp1" else world_size)
-    if args.topology == "pp1":
-        world, mesh = 1 + m, tuple(range(1, 1 + m))
-    else:
-        world, mesh = m, tuple(range(m))
-    return RunConfig(
-        topology=args.topology, world_size=world, mesh_global_ranks=mesh, preset=args.preset,
-        pipeline=args.pipeline, pipeline_options=dict(args.pipeline_options or {}), dtype=args.dtype, device_backend="nccl" if args.device == "cuda" else "gloo",
-        control_backend="gloo", compile=args.compile, seed=args.seed, recompute_every=args.recompute_every,
-        heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s,
-        deadline_factor=args.deadline_factor, warmup_chunks=args.warmup_chunks, context_source=args.context_source,
-    )
 
 
 def lifecycle_role(rt: DistributedRuntime) -> str:
@@ -136,19 +77,19 @@ def run_role(rt: DistributedRuntime, cfg: RunConfig, args: Any, lc: Lifecycle, f
     loaded = startup.run(build_loader(rt, cfg))
     role = lifecycle_role(rt)
     if role == "front":
-        from .front_main import serve as front_serve
+        from pp1.adapters.roles.front import serve as front_serve
 
         return front_serve(rt, lc, loaded, cfg, faults, args, session)
     tp = TPControlPlane(rt, loaded.geometry, send_timeout_s=cfg.watchdog_s)
     if role == "tp_rank0":
-        from .tp_main import serve as tp_serve
+        from pp1.adapters.roles.tp_rank0 import serve as tp_serve
 
         return tp_serve(rt, lc, loaded, cfg, faults, args, session, tp)
     if role == "leader":
-        from .leader_main import serve as leader_serve
+        from pp1.adapters.roles.leader import serve as leader_serve
 
         return leader_serve(rt, lc, loaded, cfg, faults, tp, drain)
-    from .worker_main import serve as worker_serve
+    from pp1.adapters.roles.worker import serve as worker_serve
 
     return worker_serve(rt, lc, loaded, cfg, faults, tp, drain)
 
@@ -165,7 +106,7 @@ class Exiter:
             role = self.rt.role if self.rt else "?"
             rank = self.rt.rank if self.rt else -1
             (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
-            faults_mod.record("exit", rank=rank, role=role, code=code, reason=reason[:300])
+            record("exit", rank=rank, role=role, code=code, reason=reason[:300])
             emit_peak_memory(self.rt.device if self.rt else None)
             emit_event("exit", code=code, reason=reason[:500])
             if code == EXIT_OK and not crash and self.rt is not None:
@@ -177,12 +118,12 @@ class Exiter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = options.from_namespace(build_parser().parse_args(argv))
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, "?", args.log_level)
     try:
-        cfg = config_from_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-        parse_prompt_changes(args.prompt_change)
+        cfg = options.run_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+        options.parse_prompt_changes(args.prompt_changes)
         rt = DistributedRuntime.from_env(cfg, device=args.device)
     except Exception as exc:  # bad options: nothing distributed started yet
         log.error("bad run options: %s", exc)

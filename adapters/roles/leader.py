@@ -13,6 +13,14 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
+
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import emit_event, set_state
+from pp1.adapters.rank.startup import Loaded, RankExit
+from pp1.adapters.roles.shard import run_shard, warmup_tensors
+from pp1.adapters.transport.pp_channel import PING_CALL_ID, PPControlPlane
+from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime, PeerLost
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.intents import (
     EXIT_FAILED,
     EXIT_OK,
@@ -30,14 +38,6 @@ from pp1.pipelines.interface import Generator
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 from pp1.protocol.messages import Action, PPResultV1, ReadyV1, TPHeaderV1
 from pp1.protocol.tensors import TensorSpec
-
-from .faults import FaultPlan
-from .observe import emit_event, set_state
-from .pp_channel import PING_CALL_ID, PPControlPlane
-from .runtime import ChannelPoisoned, DistributedRuntime, PeerLost
-from .shard import run_shard, warmup_tensors
-from .startup import Loaded, RankExit
-from .tp_channel import TPControlPlane
 
 log = logging.getLogger("pp1.adapters.leader")
 

@@ -2,7 +2,7 @@
 header, then metadata), their tensors on the mesh device group after the header announced them.
 
 WARMUP headers travel without tensors: every mesh rank makes them from ``header.seed``
-(:func:`pp1.adapters.shard.warmup_tensors`), so warmup needs no front. Workers wait for the next
+(:func:`pp1.adapters.roles.shard.warmup_tensors`), so warmup needs no front. Workers wait for the next
 header with the watchdog as the bound; a timed-out wait poisons the channel (orphan exit).
 """
 
@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from pp1.adapters.transport import wire
+from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime, PeerLost
 from pp1.protocol.codec import encode
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 from pp1.protocol.geometry import ChunkGeometry
@@ -21,10 +24,7 @@ from pp1.protocol.messages import Action, TPHeaderV1
 from pp1.protocol.preflight import preflight_tp_header, validate_tp_header
 from pp1.protocol.tensors import TensorSpec
 
-from . import wire
-from .runtime import ChannelPoisoned, DistributedRuntime, PeerLost
-
-log = logging.getLogger("pp1.adapters.tp_channel")
+log = logging.getLogger("pp1.adapters.transport.tp_channel")
 
 PING_CALL_ID = 0
 

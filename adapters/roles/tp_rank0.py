@@ -11,6 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from pp1.adapters.front.engine import ChunkEngine
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import emit_event
+from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.roles.front import FrontSession, frame_dump, make_machine, prompt_script, run_dumping
+from pp1.adapters.roles.leader import LeaderDriver, make_relay, warmup
+from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
+from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.intents import Exit
 from pp1.fsm.lifecycle import Lifecycle
 from pp1.protocol.codec import check_tensors, encode
@@ -19,16 +28,7 @@ from pp1.protocol.messages import Action, PPEnvelopeV1, PPResultV1, ReadyV1
 from pp1.protocol.preflight import preflight_envelope, validate_result
 from pp1.protocol.tensors import TensorSpec
 
-from .chunk_engine import ChunkEngine
-from .faults import FaultPlan
-from .front_main import FrontSession, frame_dump, make_machine, prompt_script, run_dumping
-from .leader_main import LeaderDriver, make_relay, warmup
-from .observe import emit_event
-from .runtime import DistributedRuntime, PeerLost
-from .startup import Loaded
-from .tp_channel import TPControlPlane
-
-log = logging.getLogger("pp1.adapters.tp_main")
+log = logging.getLogger("pp1.adapters.roles.tp_rank0")
 
 
 class LocalSink:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .localjob import LocalJob
+from pp1.testing.localjob import LocalJob
 
 H, W, FLOOR, GRACE = 0.25, 1.5, 1.5, 0.2  # heartbeat, watchdog, deadline floor, front's fail grace (s)
 STALL_S = 5.0
 
 BASE_ARGS = [
-    "--pipeline", "pp1.adapters.standin:factory", "--heartbeat-s", str(H), "--watchdog-s", str(W),
+    "--pipeline", "pp1.testing.standin:factory", "--heartbeat-s", str(H), "--watchdog-s", str(W),
     "--deadline-floor-s", str(FLOOR), "--pg-timeout-s", "60", "--ready-timeout-s", "60",
     "--fail-grace-s", str(GRACE), "--warmup-chunks", "1", "--teardown-s", "2",
 ]

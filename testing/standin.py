@@ -1,4 +1,4 @@
-"""A tiny, fast test double of a pipeline (``--pipeline pp1.adapters.standin:factory``).
+"""A tiny, fast test double of a pipeline (``--pipeline pp1.testing.standin:factory``).
 
 Stage 0 and a tensor-parallel "generator" with the real interface and collectives (one sharded
 MLP per denoising step: column shard, ReLU, row shard, all-reduce), a KV position that follows
@@ -12,6 +12,7 @@ import hashlib
 import time
 
 import torch
+
 from pp1.pipelines.comm import Communicator
 from pp1.pipelines.interface import ChunkCall, ChunkOutput
 from pp1.protocol.geometry import ChunkGeometry

@@ -42,6 +42,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import emit_event
+from pp1.adapters.transport.runtime import ChannelPoisoned, PeerLost
 from pp1.fsm.chunk import ChunkMachine, ChunkPlan, Decision, Verdict, envelope_from_plan
 from pp1.pipelines.interface import Stage0
 from pp1.protocol.codec import dtype_name
@@ -50,11 +54,7 @@ from pp1.protocol.geometry import ChunkGeometry
 from pp1.protocol.messages import T_CONDITIONING, T_CONTEXT, T_NOISE, Action, PPEnvelopeV1, PPResultV1
 from pp1.protocol.tensors import TensorSpec
 
-from .faults import FaultPlan
-from .observe import emit_event
-from .runtime import ChannelPoisoned, PeerLost
-
-log = logging.getLogger("pp1.adapters.chunk_engine")
+log = logging.getLogger("pp1.adapters.front.engine")
 
 FRAMES_PER_LATENT = 4  # Stage0.decode: T latent frames -> 4T video frames (4T - 3 on an epoch's first chunk)
 

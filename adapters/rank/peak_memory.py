@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .observe import emit_event
+from pp1.adapters.rank.observe import emit_event
 
 PEAK_EVENT = "peak_memory"
 

@@ -16,6 +16,9 @@ import time
 from collections.abc import Sequence
 
 import torch
+
+from pp1.adapters.transport import wire
+from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime, PeerLost
 from pp1.protocol.codec import encode
 from pp1.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pp1.protocol.geometry import ChunkGeometry
@@ -29,10 +32,7 @@ from pp1.protocol.preflight import (
 )
 from pp1.protocol.tensors import TensorSpec
 
-from . import wire
-from .runtime import ChannelPoisoned, DistributedRuntime, PeerLost
-
-log = logging.getLogger("pp1.adapters.pp_channel")
+log = logging.getLogger("pp1.adapters.transport.pp_channel")
 
 PING_CALL_ID = 0  # the warm-up round trip; the front's chunk machine starts at call_id 1
 

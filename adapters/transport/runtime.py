@@ -21,10 +21,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
 from pp1.protocol.config import RunConfig
 from pp1.protocol.errors import LocalProtocolError
 
-log = logging.getLogger("pp1.adapters.runtime")
+log = logging.getLogger("pp1.adapters.transport.runtime")
 
 Role = Literal["front", "leader", "worker"]
 GroupName = Literal["world_cpu", "mesh_cpu", "mesh_dev", "pair_cpu", "pair_dev"]

@@ -1,6 +1,6 @@
 """``pp1 run``: launch the whole job through torchrun, drive N chunks headless, print timings.
 
-Runs ``python -m torch.distributed.run --standalone --nproc-per-node <1+M | M> -m pp1.adapters.main``
+Runs ``python -m torch.distributed.run --standalone --nproc-per-node <1+M | M> -m pp1.adapters.roles.main``
 in its own session, reads the ranks' ``PP1-EVENT`` lines (progress, ready, one per chunk, summary,
 failures), and reads the front's JSON report at the end. Exit 0 when the job shut down in order;
 non-zero with the failing rank and its reason otherwise. Ctrl-C / SIGTERM: the job is asked to
@@ -23,118 +23,44 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .observe import parse_event
+from pp1.adapters.rank import options
+from pp1.adapters.rank.observe import parse_event
+from pp1.adapters.rank.options import InvalidOption
 
-DEFAULT_PIPELINE = "pp1.pipelines.reference:factory"
 STARTUP_PHASES = ("init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels", "warmup")
+RANK_ENTRY = "pp1.adapters.roles.main"  # the torchrun entry of every rank
 
 
 @dataclass
-class LaunchOptions:
-    """One job. ``tp`` is the mesh size M; the job has 1 + M ranks under pp1, M under tp."""
+class LaunchOptions(options.JobOptions):
+    """One job: the option table's :class:`JobOptions` plus how to start it. ``tp`` is the mesh size M;
+    the job has 1 + M ranks under pp1, M under tp."""
 
-    topology: str = "pp1"
-    tp: int = 2
-    preset: str = "tiny"
-    pipeline: str = DEFAULT_PIPELINE
-    pipeline_options: dict[str, str] = field(default_factory=dict)  # --pipeline-option KEY=VALUE
-    device: str = "cpu"
-    dtype: str = "float32"
-    chunks: int = 8
-    recompute_every: int = 1
-    warmup_chunks: int = 1
-    seed: int = 0
-    heartbeat_s: float = 1.0
-    watchdog_s: float = 5.0
-    deadline_floor_s: float = 30.0
-    deadline_factor: float = 4.0
-    compile: bool = False
-    prompt: str = "a calm sea at dawn"
-    prompt_changes: list[str] = field(default_factory=list)  # "CHUNK:TEXT": after CHUNK shown chunks, TEXT
-    context_source: str = "latents"  # KV-recompute context: "latents" | "reencode" (part of the RunConfig)
-    timeout_s: float = 900.0  # the whole job, startup included
-    report_json: str | None = None
-    dump_frames: str | None = None  # the front saves each shown chunk's frames + latents here (debug/test aid)
-    extra_args: list[str] = field(default_factory=list)  # more options for pp1.adapters.main
+    tp: int | None = 2
+    extra_args: list[str] = field(default_factory=list)  # more options for every rank
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
 
-    @property
-    def nproc(self) -> int:
-        return self.tp + 1 if self.topology == "pp1" else self.tp
-
     def rank_args(self, report_json: str) -> list[str]:
-        args = [
-            "--topology", self.topology, "--tp", str(self.tp), "--preset", self.preset, "--pipeline", self.pipeline,
-            "--device", self.device, "--dtype", self.dtype, "--chunks", str(self.chunks),
-            "--recompute-every", str(self.recompute_every), "--warmup-chunks", str(self.warmup_chunks),
-            "--seed", str(self.seed), "--heartbeat-s", str(self.heartbeat_s), "--watchdog-s", str(self.watchdog_s),
-            "--deadline-floor-s", str(self.deadline_floor_s), "--deadline-factor", str(self.deadline_factor),
-            "--prompt", self.prompt, "--report-json", report_json, "--then", "shutdown",
-            "--context-source", self.context_source,
-        ]
-        for change in self.prompt_changes:
-            args += ["--prompt-change", change]
-        for key, value in self.pipeline_options.items():
-            args += ["--pipeline-option", f"{key}={value}"]
-        if self.dump_frames:
-            args += ["--dump-frames", self.dump_frames]
-        if self.compile:
-            args.append("--compile")
-        return args + list(self.extra_args)
+        return [*options.rank_argv(replace(self, report_json=report_json, then="shutdown")), *self.extra_args]
 
     def command(self, report_json: str) -> list[str]:
         return [
             self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-            "-m", "pp1.adapters.main", *self.rank_args(report_json),
+            "-m", RANK_ENTRY, *self.rank_args(report_json),
         ]
 
 
-class InvalidOption(ValueError):
-    """A launch option that cannot work; raised before any process starts."""
-
-    def __init__(self, option: str, reason: str) -> None:
-        super().__init__(f"{option}: {reason}")
-        self.option, self.reason = option, reason
-
-
 def check_options(opts: LaunchOptions) -> None:
-    """Refuse, before anything starts, what every rank would refuse after startup: bad sizes, a config
-    that fails RunConfig's rules, a pipeline that does not load, a preset it does not know, too few GPUs."""
+    """Refuse, before anything starts, what every rank would refuse after startup: the option table's
+    checks (sizes, durations, the RunConfig's rules), a pipeline that does not load or refuses an option,
+    a preset it does not know, too few GPUs."""
     from pp1.pipelines.loader import PipelineLoadError, PipelineOptionError, load_factory
-    from pydantic import ValidationError
 
-    from .main import config_from_args
-    from .prompt_changes import OPTION, parse_prompt_changes
-
-    if opts.tp < 1:
-        raise InvalidOption("--tp", f"the mesh needs at least one rank, got {opts.tp}")
-    if opts.chunks < 1:
-        raise InvalidOption("--chunks", f"drive at least one chunk, got {opts.chunks}")
-    if opts.timeout_s <= 0:
-        raise InvalidOption("--timeout-s", f"must be positive, got {opts.timeout_s}")
-    if opts.dtype.removeprefix("torch.") not in ("float32", "float16", "bfloat16"):
-        raise InvalidOption("--dtype", f"expected float32, float16 or bfloat16, got {opts.dtype!r}")
-    if opts.dump_frames:
-        from .frame_dump import check_dump_dir
-
-        try:
-            check_dump_dir(opts.dump_frames)
-        except ValueError as exc:
-            raise InvalidOption("--dump-frames", str(exc)) from None
-    try:
-        parse_prompt_changes(opts.prompt_changes, opts.chunks)
-    except ValueError as exc:
-        raise InvalidOption(OPTION, str(exc)) from None
-    try:
-        config_from_args(opts, opts.nproc)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = "-".join(str(x) for x in err["loc"]).replace("_", "-")
-        raise InvalidOption(f"--{loc}" if loc else "options", err["msg"].removeprefix("Value error, ")) from None
+    options.check(opts, options.RUN)
     try:
         factory = load_factory(opts.pipeline, opts.pipeline_options)
     except PipelineLoadError as exc:
@@ -277,59 +203,12 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunks", type=int, default=8, help="chunks to drive (default 8)")
-    p.add_argument("--tp", type=int, default=2, help="mesh size M (default 2)")
-    p.add_argument("--topology", choices=["pp1", "tp"], default="pp1",
-                   help="pp1: front rank 0 + M mesh ranks; tp: M ranks, rank 0 leads and fronts")
-    p.add_argument("--preset", default="tiny",
-                   help="model preset of the pipeline (reference: micro, tiny, wan-1.3b-shape, krea-14b-shape)")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="module:factory")
-    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=pipeline_option_arg,
-                   default=[], metavar="KEY=VALUE", help="an option of the pipeline, e.g. checkpoint=PATH (repeatable)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: gloo; cuda: NCCL + gloo control")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--recompute-every", type=int, default=1, help="K: KV recompute every K chunks (0 = never)")
-    p.add_argument("--warmup-chunks", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--watchdog-s", type=float, default=5.0)
-    p.add_argument("--deadline-floor-s", type=float, default=30.0)
-    p.add_argument("--deadline-factor", type=float, default=4.0)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--prompt", default="a calm sea at dawn")
-    p.add_argument("--prompt-change", action="append", default=[], metavar="CHUNK:TEXT", dest="prompt_change",
-                   help='after CHUNK shown chunks change the prompt to TEXT (a hard cut: new epoch, the chunk '
-                   'in flight is dropped); repeatable, e.g. --prompt-change 4:"a red fox in the snow"')
-    p.add_argument("--context-source", choices=["latents", "reencode"], default="latents",
-                   help="KV-recompute context frames: the previous latents (cheap), or with the window's first "
-                   "latent frame re-encoded from its decoded frame by the VAE (parity with single-GPU)")
-    p.add_argument("--timeout-s", type=float, default=900.0, help="bound on the whole job")
-    p.add_argument("--report-json", default=None, help="also keep the front's JSON report here")
-    p.add_argument("--dump-frames", default=None, metavar="DIR",
-                   help="debugging/test aid: the front saves each shown chunk's frames (uint8 [F,H,W,3]) and latents "
-                   "as DIR/epoch{e}_chunk{k}.pt and ..._latents.pt (torch.save, off the comms thread); DIR is created")
+    options.add_arguments(p, options.RUN)
     p.add_argument("--verbose", "-v", action="store_true", help="show the ranks' logs")
 
 
-def pipeline_option_arg(text: str) -> tuple[str, str]:
-    from pp1.pipelines.loader import parse_pipeline_option
-
-    try:
-        return parse_pipeline_option(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
-    return LaunchOptions(
-        topology=args.topology, tp=args.tp, preset=args.preset, pipeline=args.pipeline,
-        pipeline_options=dict(args.pipeline_options or []), device=args.device, dtype=args.dtype, chunks=args.chunks, recompute_every=args.recompute_every,
-        warmup_chunks=args.warmup_chunks, seed=args.seed, heartbeat_s=args.heartbeat_s,
-        watchdog_s=args.watchdog_s, deadline_floor_s=args.deadline_floor_s, deadline_factor=args.deadline_factor,
-        compile=args.compile, prompt=args.prompt, timeout_s=args.timeout_s, report_json=args.report_json,
-        prompt_changes=list(args.prompt_change or []), context_source=args.context_source,
-        dump_frames=getattr(args, "dump_frames", None),
-    )
+    return options.from_namespace(args, LaunchOptions)  # type: ignore[return-value]
 
 
 def _fmt(v: Any, unit: str = "ms", width: int = 7) -> str:

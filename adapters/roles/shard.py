@@ -1,4 +1,4 @@
-"""Running one mesh rank's generator shard: the communicator handed to the model, the ChunkCall
+"""Running one mesh rank's generator shard: the ChunkCall
 built from a TP header and its tensors, and the tensors of a WARMUP header (made from its seed,
 identically on every mesh rank)."""
 
@@ -8,27 +8,10 @@ import time
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+
 from pp1.pipelines.interface import ChunkCall, ChunkOutput, Generator
 from pp1.protocol.codec import torch_dtype
 from pp1.protocol.messages import T_CONDITIONING, T_CONTEXT, T_NOISE, TPHeaderV1
-
-from .runtime import DistributedRuntime
-
-
-class MeshCommunicator:
-    """The generator's only collective: a sum all-reduce over the mesh device group."""
-
-    def __init__(self, rt: DistributedRuntime) -> None:
-        assert rt.mesh_rank is not None
-        self.rt = rt
-        self.rank = rt.mesh_rank
-        self.size = rt.mesh_size
-
-    def all_reduce_sum_(self, t: torch.Tensor) -> None:
-        if self.size == 1:
-            return
-        self.rt.all_reduce(t, dist.ReduceOp.SUM, group=self.rt.groups.mesh_dev, purpose="tp_all_reduce")
 
 
 def warmup_tensors(header: TPHeaderV1, device: torch.device) -> list[torch.Tensor]:

@@ -13,19 +13,20 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+
+from pp1.adapters.front.engine import ChunkEngine, EngineOutcome, summarise
+from pp1.adapters.front.frame_dump import FrameDump
+from pp1.adapters.front.prompt_script import PromptScript
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.observe import emit_event, set_state
+from pp1.adapters.rank.options import parse_prompt_changes
+from pp1.adapters.rank.startup import Loaded, RankExit
+from pp1.adapters.transport.pp_channel import PPControlPlane
+from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
 from pp1.fsm.chunk import ChunkMachine
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import Lifecycle
 from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1
-
-from .chunk_engine import ChunkEngine, EngineOutcome, summarise
-from .faults import FaultPlan
-from .frame_dump import FrameDump
-from .observe import emit_event, set_state
-from .pp_channel import PPControlPlane
-from .prompt_changes import PromptScript, parse_prompt_changes
-from .runtime import DistributedRuntime, PeerLost
-from .startup import Loaded, RankExit
 
 log = logging.getLogger("pp1.adapters.front")
 
@@ -80,7 +81,7 @@ def run_dumping(engine: ChunkEngine, dump: FrameDump | None, lc: Lifecycle, sess
 
 def prompt_script(args: Any, stage0: Any) -> PromptScript:
     """The headless ``--prompt-change CHUNK:TEXT`` driver, its prompts encoded here (the caller's thread)."""
-    return PromptScript(parse_prompt_changes(getattr(args, "prompt_change", None) or [])).encode(stage0)
+    return PromptScript(parse_prompt_changes(args.prompt_changes)).encode(stage0)
 
 
 class FrontSession:

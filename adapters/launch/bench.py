@@ -25,21 +25,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from .launcher import (
-    DEFAULT_PIPELINE,
-    InvalidOption,
-    LaunchOptions,
-    RunReport,
-    check_options,
-    launch,
-    pipeline_option_arg,
-)
-from .peak_memory import peak_bytes, peaks_by_rank
+from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, RunReport, check_options, launch
+from pp1.adapters.rank import options
+from pp1.adapters.rank.peak_memory import peak_bytes, peaks_by_rank
+from pp1.pipelines.loader import DEFAULT_PIPELINE
 
 DEFAULT_OUT = os.path.join("specs", "bench")
 TOPOLOGIES = ("pp1", "tp")
@@ -381,41 +375,26 @@ def write_outputs(result: dict[str, Any], out_dir: str, label: str) -> tuple[str
 
 
 @dataclass
-class BenchOptions:
-    preset: str = "tiny"
+class BenchOptions(options.JobOptions):
+    """The option table's :class:`JobOptions` (shared by every configuration's job) plus the bench's own.
+    ``warmup_chunks`` is the leader's warmup before READY (``--mesh-warmup`` here); ``drop_chunks`` are
+    driven first and dropped from the statistics (``--warmup-chunks`` here)."""
+
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     configs: list[BenchConfig] | None = None  # None: default_configs(device, GPU count)
     chunks: int = 10  # measured chunks per configuration
-    warmup_chunks: int = 2  # chunks driven first and dropped from the statistics
-    mesh_warmup: int = 1  # warmup chunks the leader drives before READY (LaunchOptions.warmup_chunks)
-    device: str = "cpu"
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    recompute_every: int = 1
-    pipeline: str = DEFAULT_PIPELINE
-    pipeline_options: dict[str, str] = field(default_factory=dict)
+    drop_chunks: int = 2  # chunks driven first and dropped from the statistics
     out_dir: str = DEFAULT_OUT
     label: str | None = None  # None: "<device>-<preset>"
-    timeout_s: float = 900.0  # per configuration
     budget_s: float | None = None  # the whole bench: later configurations are skipped, the running one cut
-    heartbeat_s: float = 1.0
-    watchdog_s: float = 5.0
-    deadline_floor_s: float = 30.0
-    compile: bool = False
-    seed: int = 0
-
-    def resolved_dtype(self) -> str:
-        return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
 
     def resolved_label(self) -> str:
         return self.label or f"{self.device}-{self.preset}"
 
     def launch_options(self, cfg: BenchConfig) -> LaunchOptions:
-        return LaunchOptions(
-            topology=cfg.topology, tp=cfg.tp, preset=self.preset, pipeline=self.pipeline,
-            pipeline_options=dict(self.pipeline_options), device=self.device, dtype=self.resolved_dtype(), chunks=self.chunks + self.warmup_chunks,
-            recompute_every=self.recompute_every, warmup_chunks=self.mesh_warmup, seed=self.seed,
-            heartbeat_s=self.heartbeat_s, watchdog_s=self.watchdog_s, deadline_floor_s=self.deadline_floor_s,
-            compile=self.compile, timeout_s=self.timeout_s,
-        )
+        shared = {f.name: getattr(self, f.name) for f in fields(options.JobOptions)}
+        return LaunchOptions(**{**shared, "topology": cfg.topology, "tp": cfg.tp, "dtype": self.resolved_dtype(),
+                                "chunks": self.chunks + self.drop_chunks})
 
 
 def _launch(lo: LaunchOptions, stop: threading.Event) -> RunReport:
@@ -440,7 +419,7 @@ def run_bench(
         "machine": machine_info(opts.device),
         "run": {
             "preset": opts.preset, "pipeline": opts.pipeline, "device": opts.device, "dtype": opts.resolved_dtype(),
-            "chunks": opts.chunks, "warmup_chunks": opts.warmup_chunks, "mesh_warmup": opts.mesh_warmup,
+            "chunks": opts.chunks, "warmup_chunks": opts.drop_chunks, "mesh_warmup": opts.warmup_chunks,
             "recompute_every": opts.recompute_every, "compile": opts.compile, "seed": opts.seed,
             "configs": [c.name for c in configs], "started_unix": time.time(), "load_avg_start": _loadavg(),
         },
@@ -458,14 +437,14 @@ def run_bench(
             if left < MIN_CONFIG_S:
                 log(f"pp1 bench [{i}/{len(configs)}] {cfg.name}: skipped ({left:.0f} s of the budget left)")
                 res = config_result(cfg, RunReport(ok=False, exit_code=0, wall_s=0.0, failure="skipped: budget spent"),
-                                    opts.warmup_chunks)
+                                    opts.drop_chunks)
                 res["skipped"] = True
                 result["configs"].append(res)
                 write_outputs(result, opts.out_dir, label)
                 continue
             lo.timeout_s = min(lo.timeout_s, left)
         log(f"pp1 bench [{i}/{len(configs)}] {cfg.title} ({cfg.nproc} process(es)), preset {opts.preset}, "
-            f"{opts.warmup_chunks}+{opts.chunks} chunks, bound {lo.timeout_s:.0f} s ...")
+            f"{opts.drop_chunks}+{opts.chunks} chunks, bound {lo.timeout_s:.0f} s ...")
         with tempfile.TemporaryDirectory(prefix="pp1-bench-") as tmp:
             lo.report_json = os.path.join(tmp, "report.json")
             try:
@@ -474,7 +453,7 @@ def run_bench(
                 result["run"]["interrupted"] = True
                 write_outputs(result, opts.out_dir, label)
                 raise
-        res = config_result(cfg, rep, opts.warmup_chunks)
+        res = config_result(cfg, rep, opts.drop_chunks)
         if stop.is_set():
             res["interrupted"] = True
             result["run"]["interrupted"] = True
@@ -497,41 +476,23 @@ def run_bench(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny")
     p.add_argument("--configs", default=None,
                    help="comma list of TOPOLOGY:M, e.g. pp1:2,tp:2,tp:1 (pp1: front + TP=M; tp: pure TP=M). "
                         "Default: CPU pp1:2,tp:2,tp:1,pp1:1; CUDA: all that fit the visible GPUs")
     p.add_argument("--chunks", type=int, default=10, help="measured chunks per configuration (default 10)")
-    p.add_argument("--warmup-chunks", type=int, default=2,
+    p.add_argument("--warmup-chunks", dest="drop_chunks", type=int, default=2,
                    help="chunks driven first and dropped from the statistics (default 2)")
-    p.add_argument("--mesh-warmup", type=int, default=1, help="warmup chunks the leader runs before READY")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--recompute-every", type=int, default=1, help="K: KV recompute every K chunks (0 = never)")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE)
-    p.add_argument("--pipeline-option", dest="pipeline_options", action="append", type=pipeline_option_arg,
-                   default=[], metavar="KEY=VALUE", help="an option of the pipeline (repeatable)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", dest="out_dir", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--label", default=None, help="file name part: bench-<label>.json/.md (default <device>-<preset>)")
-    p.add_argument("--timeout-s", type=float, default=900.0, help="bound on each configuration's job")
     p.add_argument("--budget-s", type=float, default=None,
                    help="bound on the whole bench: the running job is cut at it, later ones are skipped")
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--watchdog-s", type=float, default=5.0)
-    p.add_argument("--deadline-floor-s", type=float, default=30.0)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    options.add_arguments(p, options.BENCH)
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    return BenchOptions(
-        preset=args.preset, configs=parse_configs(args.configs) if args.configs else None, chunks=args.chunks,
-        warmup_chunks=args.warmup_chunks, mesh_warmup=args.mesh_warmup, device=args.device, dtype=args.dtype,
-        recompute_every=args.recompute_every, pipeline=args.pipeline,
-        pipeline_options=dict(args.pipeline_options or []), out_dir=args.out, label=args.label,
-        timeout_s=args.timeout_s, budget_s=args.budget_s, heartbeat_s=args.heartbeat_s, watchdog_s=args.watchdog_s,
-        deadline_floor_s=args.deadline_floor_s, compile=args.compile, seed=args.seed,
-    )
+    return options.from_namespace(  # type: ignore[return-value]
+        args, BenchOptions, configs=parse_configs(args.configs) if args.configs else None, chunks=args.chunks,
+        drop_chunks=args.drop_chunks, out_dir=args.out_dir, label=args.label, budget_s=args.budget_s)
 
 
 def main(args: argparse.Namespace) -> int:

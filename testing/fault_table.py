@@ -1,7 +1,7 @@
 """Run each fault scenario several times on a local CPU/gloo job and print a Markdown table of the
 median time from the fault to each surviving rank's exit (and each rank's exit code).
 
-    python -m pp1.adapters.fault_table --runs 3 [--scenario kill_leader_mid_chunk ...] [--json out.jsonl]
+    python -m pp1.testing.fault_table --runs 3 [--scenario kill_leader_mid_chunk ...] [--json out.jsonl]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .fault_scenarios import FLOOR, GRACE, SCENARIOS, STALL_S, H, W, run_scenario
+from pp1.testing.fault_scenarios import FLOOR, GRACE, SCENARIOS, STALL_S, H, W, run_scenario
 
 ROLES = {0: "front", 1: "leader", 2: "worker"}
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.protocol.codec import HEADER_SIZE, FrameHeader, Frames, alloc_tensors, decode_header, decode_meta
 from pp1.protocol.errors import RemoteProtocolError
 from pp1.protocol.messages import Message
 from pp1.protocol.tensors import TensorSpec
-
-from .runtime import DistributedRuntime
 
 
 @dataclass(frozen=True)
