@@ -1,14 +1,31 @@
-"""What every protocol machine shares: a `transitions` machine built from tables written as
-data, strict events (an event outside the table is an error and changes nothing), and a
-failed state that records its cause.
+"""What every protocol machine shares, and the one contract between machines and I/O.
 
-Machines say what to do (intents); adapters do the I/O and fire the resulting events.
+**Rule 1** (as h11's ``_state.py`` says it): everything that decides the protocol lives here, in
+``pp1.fsm`` (or in ``pp1.protocol``): which message goes next, what a message or a timeout means,
+when to recompute, when to cut, when to give up, which rank is to blame. Adapters do I/O only: they
+feed events into a machine and perform the intents it returns, in order, or fail the rank. No
+adapter compares a machine's state to a string, writes a machine's fields or patches its methods;
+tests and production wire every machine the same way.
+
+**The contract.** A machine is driven through :meth:`ProtocolMachine.handle`: the adapter hands it
+an :class:`Event` (a message received, a deadline passed, an operation done, a request from another
+thread) and gets back a list of :class:`Intent` to perform, in order. An intent whose outcome the
+machine needs (a receive, a send that may be refused, a shard run) is answered by the adapter with
+the next event; the intents that event returns are performed before the rest of the list (depth
+first). ``Exit`` ends the list and the rank. Observers (logging, progress) subscribe with
+:meth:`ProtocolMachine.watch`; they never drive the machine.
+
+Each machine is one module with its states and transitions written as data at the top (a
+`transitions` machine with ``queued=True``, ``auto_transitions=False``): an event outside the table
+is an error that changes nothing (:class:`InvalidEvent`); ``failed`` is a state that records its
+cause (:class:`FailureCause`: rank, phase, reason, local or remote).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 from transitions import Machine, MachineError
@@ -34,6 +51,25 @@ class FailureCause:
 
     def __str__(self) -> str:
         return f"rank {self.rank} failed in {self.phase} ({self.kind}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What a machine asks its adapter to do next (base of every intent)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened, fed into a machine with :meth:`ProtocolMachine.handle`. ``HANDLER`` names the
+    machine's method that takes the event's fields as keyword arguments."""
+
+    HANDLER: ClassVar[str]
+
+    def arguments(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+Watcher = Callable[["ProtocolMachine", str, str], None]  # (machine, event name, new state)
 
 
 class InvalidEvent(LocalProtocolError):
@@ -66,6 +102,7 @@ class ProtocolMachine:
         self.rank = rank
         self.ctx = ctx  # ids for logging (role, mesh_rank, ...)
         self.failure: FailureCause | None = None
+        self._watchers: list[Watcher] = []
         self._machine = Machine(
             model=self,
             states=list(self.STATES),
@@ -115,6 +152,19 @@ class ProtocolMachine:
                 return t["dest"]
         return None
 
+    # -- the contract -------------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Intent]:
+        """Feed one event; returns the intents to perform, in order (see the module docstring)."""
+        handler = getattr(self, event.HANDLER, None)
+        if handler is None:
+            raise InvalidEvent(self.NAME, self.state, type(event).__name__)
+        out = handler(**event.arguments())
+        return list(out) if isinstance(out, list) else []
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher(machine, event, state)`` after every state change (observers only)."""
+        self._watchers.append(watcher)
+
     # -- firing -------------------------------------------------------------------------------------
     def can_fire(self, event: str) -> bool:
         return self.next_state(self.state, event) is not None
@@ -147,3 +197,5 @@ class ProtocolMachine:
     def _log_state(self, event: Any) -> None:
         ids = " ".join(f"{k}={v}" for k, v in self.ctx.items())
         log.debug("%s rank=%d %s event=%s -> state=%s", self.NAME, self.rank, ids, event.event.name, self.state)
+        for watcher in self._watchers:
+            watcher(self, event.event.name, self.state)

@@ -2,30 +2,11 @@
 stale-result drop, retry once, the tripwires and the result deadline. No I/O, no clocks: time
 comes in as numbers (seconds on any monotonic clock).
 
-The engine's loop (one comms thread owns the PP channel) and every ordering it relies on::
-
-    m = ChunkMachine(rank=0, chunk_frames=g.latent_frames, window=g.max_context_frames,
-                     timesteps=factory.timesteps(preset), recompute_every=cfg.recompute_every, ...)
-    while True:
-        # 1. between steps only: apply what other threads asked for: m.request_stop() (legal in
-        #    every live state, idempotent), m.hard_cut(reason) (every live state but stopping:
-        #    check m.can_fire("cut")).
-        # 2. send at most one envelope (overlap depth 1):
-        if m.state == "closing":  plan = m.plan_shutdown()            # stop was requested, nothing in flight
-        elif m.state == "idle" and have_prompt:  plan = m.plan_next(now)   # next chunk (or the retry)
-        elif m.state == "idle" and m.noop_due(now):  plan = m.plan_noop(now)
-        if plan: env = envelope_from_plan(plan, specs)  # build tensors, preflight (nothing sent yet)
-                 on a local error: m.abort_plan(reason)   -> back to idle/closing, nothing was sent
-                 else send, then m.on_sent(now)           -> in_flight / cutting / draining / stopping
-        # 3. wait for the result, never past m.deadline_at() (None only when nothing is in flight):
-        if m.waiting:  result = recv(until=m.deadline_at())
-                       timeout -> m.on_deadline_missed(now) -> Decision FAIL (channel poisoned)
-                       d = m.on_result(result, now)
-        # 4. act on d.verdict: EMIT: submit k+1 at once (step 2), THEN decode k, and show the frames
-        #    only if m.is_current(d.cache_epoch) (a hard cut during decode makes them stale);
-        #    DISCARD_STALE / DROP / ACK: nothing; RETRY: the machine did the hard cut, the next
-        #    plan_next is the retry; STOPPED: exit 0; FAIL: d.cause / d.error, stop streaming, maybe
-        #    m.farewell_plan() (best-effort SHUTDOWN when the channel is not poisoned), exit non-zero.
+It is driven by the front's loop machine (``fsm/front.py``: ``FrontMachine``), which owns it the way
+it owns its ``KVCacheMachine``: the loop decides when to plan (``plan_next`` / ``plan_noop`` /
+``plan_shutdown``), reports each send (``on_sent`` / ``abort_plan``) and each result (``on_result`` ->
+a :class:`Decision`), applies requests (``request_stop``, ``hard_cut``) and turns the decisions into
+intents for its adapter.
 
 Rules the machine holds:
 - ``call_id`` strictly increases over the job: INFER, NOOP and SHUTDOWN (and anything the front
@@ -45,7 +26,6 @@ Rules the machine holds:
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +35,13 @@ from typing import Any, ClassVar, Literal
 from pp1.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pp1.protocol.messages import Action, ErrorCode, PPEnvelopeV1, PPResultV1
 from pp1.protocol.preflight import check_result_matches
+from pp1.protocol.schedule import (
+    DEADLINE_SAMPLES,
+    FIRST_CALL_ID,
+    expected_generator_calls,
+    p99,
+    recompute_due,
+)
 from pp1.protocol.tensors import TensorSpec
 
 from .base import FAILED, FailureCause, InvalidEvent, ProtocolMachine
@@ -115,36 +102,12 @@ CHUNK_TRANSITIONS: list[tuple[str, str | list[str], str]] = [
 WAITING_STATES = frozenset({IN_FLIGHT, CUTTING, DRAINING, STOPPING})
 
 
-def recompute_due(chunk_index: int, every: int) -> bool:
-    """The schedule: chunk ``chunk_index`` of an epoch recomputes iff every > 0, it is not the
-    epoch's first chunk, and chunk_index % every == 0."""
-    return every > 0 and chunk_index > 0 and chunk_index % every == 0
+class ChunkPlan(PPEnvelopeV1):
+    """The envelope the machine plans (its tensors are announced when the engine builds them), plus how
+    to build its context: for INFER the engine builds conditioning, the noise of (seed, chunk_index)
+    and, iff ``do_kv_recompute``, a context tensor of ``context_frames`` latent frames taken from
+    ``context_source``."""
 
-
-def p99(samples: Sequence[float]) -> float:
-    """Nearest-rank 99th percentile (0.0 for no samples)."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """What the engine must send: the envelope's fields (it adds the tensors). For INFER the engine
-    builds conditioning, the noise of (seed, chunk_index) and, iff ``do_kv_recompute``, a context
-    tensor of ``context_frames`` latent frames taken from ``context_source``."""
-
-    action: Action
-    call_id: int
-    chunk_index: int = 0
-    cache_epoch: int = 0
-    init_cache: bool = False
-    reset_cache: bool = False
-    do_kv_recompute: bool = False
-    timesteps: tuple[int, ...] = ()
-    expected_generator_calls: int = 0
-    seed: int = 0
     context_source: ContextSource | None = None
     context_frames: int = 0
 
@@ -152,27 +115,13 @@ class ChunkPlan:
     def first_chunk(self) -> bool:
         return self.action is Action.INFER and self.chunk_index == 0
 
-    def to_envelope(self, tensors: Sequence[TensorSpec] = ()) -> PPEnvelopeV1:
-        return envelope_from_plan(self, tensors)
+
+_PLAN_ONLY = frozenset({"context_source", "context_frames"})
 
 
 def envelope_from_plan(plan: ChunkPlan, tensors: Sequence[TensorSpec] = ()) -> PPEnvelopeV1:
-    """The PP envelope for ``plan``, announcing ``tensors`` in travel order (the preflight checks
-    them; this only copies the plan's fields)."""
-    return PPEnvelopeV1(
-        action=plan.action,
-        call_id=plan.call_id,
-        chunk_index=plan.chunk_index,
-        cache_epoch=plan.cache_epoch,
-        init_cache=plan.init_cache,
-        reset_cache=plan.reset_cache,
-        do_kv_recompute=plan.do_kv_recompute,
-        num_denoising_steps=len(plan.timesteps),
-        timesteps=plan.timesteps,
-        expected_generator_calls=plan.expected_generator_calls,
-        seed=plan.seed,
-        tensors=tuple(tensors),
-    )
+    """The PP envelope for ``plan``, announcing ``tensors`` in travel order (the preflight checks them)."""
+    return PPEnvelopeV1(**plan.model_dump(exclude=_PLAN_ONLY | {"tensors"}), tensors=tuple(tensors))
 
 
 class Verdict(str, Enum):
@@ -196,6 +145,7 @@ class Decision:
     cause: FailureCause | None = None
     error: ProtocolError | None = None
     round_trip_s: float | None = None
+    plan: ChunkPlan | None = None  # what was sent (None for an unsolicited result)
 
     @property
     def failed(self) -> bool:
@@ -247,8 +197,7 @@ class ChunkMachine(ProtocolMachine):
         heartbeat_s: float = 1.0,
         deadline_floor_s: float = 30.0,
         deadline_factor: float = 4.0,
-        deadline_samples: int = 200,
-        first_call_id: int = 0,
+        deadline_samples: int = DEADLINE_SAMPLES,
         **ctx: Any,
     ) -> None:
         if recompute_every < 0:
@@ -269,7 +218,7 @@ class ChunkMachine(ProtocolMachine):
         self.poisoned = False  # a receive could not complete: never touch the channel again
         self.last_activity: float | None = None  # last send or result (for the heartbeat)
         self.stats = ChunkStats(round_trips_s=deque(maxlen=deadline_samples))
-        self._next_call_id = first_call_id
+        self._next_call_id = FIRST_CALL_ID  # after the PP channel's startup PING
         self._reset_pending = False  # the epoch's first chunk must carry reset_cache (after a cut)
         self._out: _Outstanding | None = None
         self._stop_while_building = False
@@ -313,8 +262,9 @@ class ChunkMachine(ProtocolMachine):
             init_cache=k == 0,
             reset_cache=k == 0 and self._reset_pending,
             do_kv_recompute=recompute,
+            num_denoising_steps=len(self.timesteps),
             timesteps=self.timesteps,
-            expected_generator_calls=len(self.timesteps) + (1 if recompute else 0),
+            expected_generator_calls=expected_generator_calls(len(self.timesteps), recompute),
             seed=self.seed,
             context_source=self.context_source if recompute else None,
             context_frames=self.kv.context_frames() if recompute else 0,
@@ -560,13 +510,13 @@ class ChunkMachine(ProtocolMachine):
             call_id=plan.call_id if plan else (result.call_id if result else -1),
             chunk_index=plan.chunk_index if plan else 0,
             cache_epoch=plan.cache_epoch if plan else self.cache_epoch,
-            state=self.state, result=result, cause=cause, error=err,
+            state=self.state, result=result, cause=cause, error=err, plan=plan,
         )
 
     def _decide(self, verdict: Verdict, plan: ChunkPlan, result: PPResultV1, rtt: float) -> Decision:
         self._log(verdict.value, plan)
         return Decision(verdict=verdict, call_id=plan.call_id, chunk_index=plan.chunk_index,
-                        cache_epoch=plan.cache_epoch, state=self.state, result=result, round_trip_s=rtt)
+                        cache_epoch=plan.cache_epoch, state=self.state, result=result, round_trip_s=rtt, plan=plan)
 
     def _log(self, step: str, plan: ChunkPlan) -> None:
         log.debug("chunk rank=%d %s %s call_id=%d chunk_index=%d cache_epoch=%d recompute=%s state=%s kv=%s",

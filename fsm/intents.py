@@ -1,17 +1,24 @@
-"""Intents: what a machine asks its adapter to do next, in order.
+"""Intents: what a machine asks its adapter to do next, in order (the contract: ``fsm/base.py``).
 
-The machines in `pp1.fsm` never do I/O. A handler such as ``LeaderRelay.on_envelope`` returns a
-list of intents; the adapter performs them in list order, then fires the resulting event back
-(``on_shard_done``, ``on_result_sent``, ...). An adapter must perform every intent of a list
-(or fail the rank): skipping one breaks a peer's expectations ("never skip a receive").
+The machines in ``pp1.fsm`` never do I/O. A handler returns a list of intents; the adapter performs
+them in list order and answers an intent whose outcome the machine needs with the next event
+(``fsm/events.py``). An adapter must perform every intent of a list (or fail the rank): skipping one
+breaks a peer's expectations ("never skip a receive").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pp1.protocol.messages import PPResultV1, ReadyV1, TPHeaderV1
+from pp1.fsm.base import Intent
+from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1, TPHeaderV1
 from pp1.protocol.tensors import TensorSpec
+
+__all__ = [
+    "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult",
+    "Decode", "Drop", "Exit", "Idle", "Intent", "KeepLatents", "MakeWarmupTensors", "RecvTensors", "RunShard", "SendEnvelope",
+    "SendReady", "SendResult", "SendTP", "Show", "WarmMesh", "WarmPair", "describe",
+]
 
 # Exit codes a rank uses (the launcher restarts the job on any non-zero code).
 EXIT_OK = 0  # orderly SHUTDOWN
@@ -19,9 +26,47 @@ EXIT_FAILED = 1  # this rank or the mesh failed (the cause is logged and, on the
 EXIT_ORPHAN = 3  # mesh watchdog: no header for W seconds (the leader or the front is gone)
 
 
+# -- waiting (answered by a message, TimedOut at ``until``, PeerGone or BadMessage) ---------------------
+
+
 @dataclass(frozen=True)
-class Intent:
-    """Base of every intent (for isinstance checks and type hints)."""
+class AwaitHeader(Intent):
+    """Worker: wait for the next TP header, at most until ``until`` (monotonic seconds)."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class AwaitEnvelope(Intent):
+    """Leader: wait for the front's next PP envelope (header + metadata), at most until ``until``
+    (None: no bound of ours; pure TP, where the front is in the same process)."""
+
+    until: float | None
+
+
+@dataclass(frozen=True)
+class AwaitResult(Intent):
+    """Front: wait for the result of the envelope in flight, at most until ``until`` (its deadline)."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class AwaitReady(Intent):
+    """Front: wait for the leader's READY, at most until ``until``."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class Idle(Intent):
+    """Front: nothing to send until ``until`` (the next heartbeat); wake early for a request from
+    another thread (answered by ``Woke`` or the request's event)."""
+
+    until: float
+
+
+# -- tensors ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -35,42 +80,131 @@ class RecvTensors(Intent):
 
 
 @dataclass(frozen=True)
-class SendTP(Intent):
-    """Leader: send ``header`` to every worker on the TP control channel, then the tensors it
-    announces (the ones just received from the front) on the device channel. A WARMUP header
-    travels alone: every mesh rank makes its tensors from ``header.seed``."""
+class MakeWarmupTensors(Intent):
+    """The tensors a WARMUP header announces do not travel: every mesh rank draws them from
+    ``header.seed``, identically (so warmup needs no front)."""
 
     header: TPHeaderV1
+
+
+# -- the mesh -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendTP(Intent):
+    """Leader: send ``header`` to every worker on the TP control channel, then, when
+    ``with_tensors``, the tensors it announces (the ones just received or made) on the device
+    channel. A WARMUP header travels alone (``with_tensors=False``)."""
+
+    header: TPHeaderV1
+    with_tensors: bool = True
 
 
 @dataclass(frozen=True)
 class RunShard(Intent):
     """Run this rank's generator shard for the call described by ``header`` (its tensors were
-    received just before; for a WARMUP header, made from ``header.seed``, the same on every mesh
-    rank). Report back with ``on_shard_done`` / ``on_shard_failed``."""
+    received or made just before). Answered by ``ShardDone`` / ``ShardFailed``."""
 
     header: TPHeaderV1
 
 
 @dataclass(frozen=True)
+class WarmMesh(Intent):
+    """One all-reduce on the mesh device group (its lazy connections); answered by ``MeshWarm``."""
+
+
+@dataclass(frozen=True)
+class WarmPair(Intent):
+    """One tensor round trip on the front-leader device group (NCCL sets up a pair lazily on its first
+    send/recv); answered by ``PairWarm``."""
+
+
+# -- the PP channel -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendEnvelope(Intent):
+    """Front: build the tensors ``envelope`` announces (INFER: the conditioning of its epoch, the noise
+    of (seed, chunk_index) and, on a recompute, the context frames ``context`` describes), preflight
+    everything, send it within ``timeout_s``. Answered by ``Sent``, or ``LocalError`` (refused before
+    the first byte: nothing was sent)."""
+
+    envelope: PPEnvelopeV1
+    timeout_s: float
+    context_frames: int = 0  # recompute: latent frames of context, epoch frames [context_start, +context_frames)
+    context_start: int = 0
+    reencode: int | None = None  # recompute: this epoch latent frame is the VAE re-encode of its decoded frame
+
+
+@dataclass(frozen=True)
 class SendResult(Intent):
-    """Leader: send ``result`` to the front (under pure TP: hand it to the in-process front),
-    then ``latents_out`` when the result announces it. Report back with ``on_result_sent``."""
+    """Leader: send ``result`` to the front (pure TP: hand it to the in-process front), then its
+    latents when the result announces them. Answered by ``ResultSent``."""
 
     result: PPResultV1
 
 
 @dataclass(frozen=True)
 class SendReady(Intent):
-    """Leader: warmup is done on every mesh rank; tell the front (pure TP: the local server)."""
+    """Leader: warmup is done on every mesh rank; tell the front (pure TP: the local front)."""
 
     ready: ReadyV1
 
 
+# -- the front's stage 0 ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeepLatents(Intent):
+    """Front: the latents of the chunk ``call_id`` just received are history of epoch ``cache_epoch`` from
+    latent frame ``first_frame`` on (later recompute windows take their context from it); drop history
+    older than ``keep_from``."""
+
+    call_id: int
+    cache_epoch: int
+    first_frame: int
+    keep_from: int
+
+
+@dataclass(frozen=True)
+class _ChunkRecord(Intent):
+    """The ids and times of a received chunk (what the adapter reports about it)."""
+
+    call_id: int
+    chunk_index: int
+    cache_epoch: int
+    recompute: bool
+    sent_at: float  # when the front began building its envelope
+    received_at: float  # when its result arrived
+
+
+@dataclass(frozen=True)
+class Decode(_ChunkRecord):
+    """Front: decode the latents of the accepted chunk (on an epoch's first chunk, as a stream's start)
+    and keep its frames until shown; for re-encode context, keep the decoded frame of each of its latent
+    frames (from ``first_frame``). Answered by ``Decoded``."""
+
+    first_frame: int = 0
+
+
+@dataclass(frozen=True)
+class Show(Intent):
+    """Front: hand the frames just decoded for ``call_id`` to the viewers (still of the current epoch)."""
+
+    call_id: int
+
+
+@dataclass(frozen=True)
+class Drop(_ChunkRecord):
+    """Front: a received chunk that will never be shown (``why``: a hard cut, a failure); report it."""
+
+    why: str = ""
+
+
 @dataclass(frozen=True)
 class Exit(Intent):
-    """End this rank's serving loop and exit the process with ``code`` (after best-effort
-    cleanup under a bound). Always the last intent of a list."""
+    """End this rank's loop and exit the process with ``code`` (after best-effort cleanup under a
+    bound). Always the last intent of a list."""
 
     code: int
     reason: str
@@ -81,9 +215,10 @@ def describe(intents: list[Intent]) -> str:
     parts = []
     for it in intents:
         name = type(it).__name__
-        if isinstance(it, SendTP | RunShard):
-            h = it.header
-            parts.append(f"{name}({h.action.value} call_id={h.call_id} chunk={h.chunk_index} epoch={h.cache_epoch})")
+        header = getattr(it, "header", None) or getattr(it, "envelope", None)
+        if header is not None:
+            parts.append(f"{name}({header.action.value} call_id={header.call_id} chunk={header.chunk_index} "
+                         f"epoch={header.cache_epoch})")
         elif isinstance(it, SendResult):
             r = it.result
             parts.append(f"{name}(ok={r.ok} call_id={r.call_id} code={r.error_code and r.error_code.value})")

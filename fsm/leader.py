@@ -1,4 +1,5 @@
-"""The mesh leader's relay (mesh rank 0): warmup, then receive -> validate -> relay -> infer -> reply.
+"""The mesh leader's relay (mesh rank 0): warm the channels, warmup, then receive -> validate -> relay
+-> infer -> reply, driving its own loop (``AwaitEnvelope`` after every reply).
 
 Rules it holds (pp1.md §3, §5):
 - every envelope is validated (``pp1.protocol.preflight.validate_envelope``) before anything is
@@ -11,11 +12,19 @@ Rules it holds (pp1.md §3, §5):
   (TRIPWIRE), the mesh stays up and the front hard-cuts;
 - exactly one result per envelope; the next envelope is taken only after ``on_result_sent``.
 
-Warmup (pp1.md §2.8): ``start_warmup()`` drives ``warmup_plan(...)`` chunks through the mesh
-(SendTP + RunShard each), then SendReady with the per-chunk timings.
+Channels (pp1.md §2.7), from ``start()``: the TP channel's PING header to the workers and one
+all-reduce on the mesh device group (``WarmMesh``); then, under PP1, the front's PING envelope
+(call_id ``PING_CALL_ID``) is answered and one tensor round trip warms the pair device group
+(``WarmPair``). Warmup (pp1.md §2.8): ``warmup_plan(...)`` chunks through the mesh (WARMUP tensors
+are made from the header's seed on every mesh rank: ``MakeWarmupTensors``; the header travels
+alone), then SendReady with the per-chunk timings.
 
-Under pure TP (no front) the same machine runs on rank 0: SendResult / SendReady are handed to
-the in-process front instead of a channel, and the watchdog is usually off (``watchdog_s=None``).
+Under pure TP (no front) the same machine runs on rank 0 (``front_in_process=True``): there is no
+PP PING, SendResult / SendReady are handed to the in-process front, envelopes come from it (no
+``AwaitEnvelope``), and the watchdog is off.
+
+With a ``lifecycle``, the relay moves it: ``channels_warm``, ``warmup_done`` (READY sent), ``drain``,
+``shutdown_received``, and its failure with the same cause.
 """
 
 from __future__ import annotations
@@ -41,32 +50,39 @@ from pp1.protocol.messages import (
     relay_header,
 )
 from pp1.protocol.preflight import validate_envelope
+from pp1.protocol.schedule import PING_CALL_ID, expected_generator_calls, recompute_due, warmup_context_frames
 from pp1.protocol.tensors import TensorSpec
 
-from .base import ProtocolMachine
 from .intents import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_ORPHAN,
+    AwaitEnvelope,
     Exit,
     Intent,
+    MakeWarmupTensors,
     RecvTensors,
     RunShard,
     SendReady,
     SendResult,
     SendTP,
+    WarmMesh,
+    WarmPair,
 )
+from .lifecycle import Lifecycle, RoleMachine
 
 log = logging.getLogger("pp1.fsm.leader")
 
-INIT, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED = (
-    "init", "warming", "idle", "running", "replying", "stopping", "exited", "failed",
+INIT, CHANNELS, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED = (
+    "init", "channels", "warming", "idle", "running", "replying", "stopping", "exited", "failed",
 )
 
-STATES = [INIT, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED]
+STATES = [INIT, CHANNELS, WARMING, IDLE, RUNNING, REPLYING, STOPPING, EXITED, FAILED]
 TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     # (event, source(s), dest)
-    ("begin_warmup", INIT, WARMING),
+    ("warm_channels", INIT, CHANNELS),  # TP PING + WarmMesh; PP1: await the front's PING, answer, WarmPair
+    ("ping_answered", CHANNELS, CHANNELS),  # PP1: the front's PING was answered: WarmPair
+    ("begin_warmup", [INIT, CHANNELS], WARMING),
     ("warmup_chunk_done", WARMING, WARMING),  # next warmup chunk: SendTP + RunShard
     ("warmup_finished", WARMING, IDLE),  # SendReady
     ("envelope_infer", IDLE, RUNNING),  # RecvTensors, SendTP, RunShard
@@ -94,8 +110,8 @@ Validate = Callable[[PPEnvelopeV1, ChunkGeometry, "int | None"], object]
 
 
 def expected_calls(header: TPHeaderV1) -> int:
-    """Generator calls a TP header asks for: one per denoising step, plus one for a KV recompute."""
-    return len(header.timesteps) + (1 if header.do_kv_recompute else 0)
+    """Generator calls a TP header asks for (the schedule's rule)."""
+    return expected_generator_calls(len(header.timesteps), header.do_kv_recompute)
 
 
 def warmup_plan(
@@ -108,13 +124,13 @@ def warmup_plan(
     init_cache=True and starts from an empty cache)."""
     out = []
     for i in range(n):
-        recompute = recompute_every > 0 and i > 0 and i % recompute_every == 0
+        recompute = recompute_due(i, recompute_every)
         tensors = [
             TensorSpec(name=T_CONDITIONING, dtype=geometry.dtype, shape=geometry.conditioning_shape()),
             TensorSpec(name=T_NOISE, dtype=geometry.dtype, shape=geometry.noise_shape()),
         ]
         if recompute:
-            frames = min(i * geometry.latent_frames, geometry.max_context_frames)
+            frames = warmup_context_frames(i, geometry.latent_frames, geometry.max_context_frames)
             tensors.append(TensorSpec(name=T_CONTEXT, dtype=geometry.dtype, shape=geometry.context_shape(frames)))
         out.append(
             TPHeaderV1(
@@ -133,16 +149,18 @@ def warmup_plan(
     return out
 
 
-class LeaderRelay(ProtocolMachine):
-    """The mesh leader's relay (mesh rank 0): drives warmup, then receives each envelope,
-    validates it, relays it to the workers, runs its shard and replies, one result per envelope.
+class LeaderRelayMachine(RoleMachine):
+    """The mesh leader's relay (mesh rank 0): warms the channels, drives warmup, then receives each
+    envelope, validates it, relays it to the workers, runs its shard and replies, one result per
+    envelope.
 
-    Handlers return the intents to perform, in order. ``rank``: global rank; ``geometry``: the chunk geometry envelopes are validated against;
-    ``mesh_size``: M (1 = no workers: nothing is relayed); ``timesteps``, ``warmup_chunks``,
-    ``recompute_every``, ``seed``: what ``start_warmup`` drives; ``fingerprint``: the mesh's
-    shard fingerprint (sent in READY); ``watchdog_s``: no envelope for that long while idle ->
-    orphan exit (None: off); ``validate``: injectable for tests (default: the preflight's);
-    ``last_call_id``: the id of an envelope handled before this machine (the startup PING), if any.
+    Handlers return the intents to perform, in order. ``rank``: global rank; ``geometry``: the chunk
+    geometry envelopes are validated against; ``mesh_size``: M (1 = no workers: nothing is relayed);
+    ``timesteps``, ``warmup_chunks``, ``recompute_every``, ``seed``: what warmup drives;
+    ``fingerprint``: the mesh's shard fingerprint (sent in READY); ``watchdog_s``: no envelope for
+    that long while idle -> orphan exit (None: off); ``validate``: injectable for tests (default: the
+    preflight's); ``last_call_id``: the id of an envelope handled before this machine, if any;
+    ``front_in_process``: pure TP (no PP channel); ``warm_timeout_s``: bound on the front's PING.
     """
 
     NAME = "leader"
@@ -166,11 +184,14 @@ class LeaderRelay(ProtocolMachine):
         now: float = 0.0,
         validate: Validate | None = None,
         last_call_id: int | None = None,
+        front_in_process: bool = False,
+        warm_timeout_s: float = 60.0,
+        lifecycle: Lifecycle | None = None,
         **ctx: Any,
     ) -> None:
         if mesh_size < 1:
             raise ValueError(f"mesh_size must be >= 1, got {mesh_size}")
-        super().__init__(rank, **ctx)
+        super().__init__(rank, lifecycle=lifecycle, **ctx)
         self.geometry = geometry
         self.mesh_size = mesh_size
         self.timesteps = tuple(timesteps)
@@ -179,6 +200,8 @@ class LeaderRelay(ProtocolMachine):
         self.seed = seed
         self.fingerprint = fingerprint
         self.watchdog_s = watchdog_s
+        self.front_in_process = front_in_process
+        self.warm_timeout_s = warm_timeout_s
         self.last_activity_at = now
         self.validate: Validate = validate or self._preflight_validate
         self.last_call_id = last_call_id  # of the last accepted envelope (e.g. the startup PING's)
@@ -188,8 +211,36 @@ class LeaderRelay(ProtocolMachine):
         self._warmup_ms: list[float] = []
         self.results_sent = 0
 
+    # -- channels -----------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Intent]:
+        """Warm the channels: the TP PING header (workers wait for it), one all-reduce on the mesh."""
+        self.fire("warm_channels")
+        self.last_activity_at = now
+        ping = TPHeaderV1(action=Action.PING, call_id=PING_CALL_ID)
+        return [*([SendTP(ping, with_tensors=False)] if self.mesh_size > 1 else []), WarmMesh()]
+
+    def on_mesh_warm(self, now: float) -> list[Intent]:
+        """The mesh is warm. Pure TP: warmup next; PP1: wait for the front's PING."""
+        if self.front_in_process:
+            self._lifecycle_event("channels_warm")
+            return self.start_warmup(now)
+        return [AwaitEnvelope(until=now + self.warm_timeout_s)]
+
+    def on_pair_warm(self, now: float) -> list[Intent]:
+        """The pair device group is warm: the channels are; warmup next."""
+        self._lifecycle_event("channels_warm")
+        return self.start_warmup(now)
+
+    def _on_ping(self, env: PPEnvelopeV1) -> list[Intent]:
+        if env.action is not Action.PING or env.call_id != PING_CALL_ID or env.tensors:
+            return self.on_fatal(f"expected the front's PING (call_id={PING_CALL_ID}) first, got "
+                                 f"{env.action.value} call_id={env.call_id}", "remote")
+        self.fire("ping_answered")
+        self.last_call_id = env.call_id
+        return [SendResult(self._result(env, ok=True))]
+
     # -- warmup -------------------------------------------------------------------------------------
-    def start_warmup(self) -> list[Intent]:
+    def start_warmup(self, now: float | None = None) -> list[Intent]:
         """Begin warmup: intents for the first warmup chunk, or SendReady at once when there is none."""
         self.fire("begin_warmup")
         self._warmup = warmup_plan(
@@ -197,11 +248,13 @@ class LeaderRelay(ProtocolMachine):
         )
         self._warmup_ms = []
         if not self._warmup:
-            return self._finish_warmup()
+            return self._finish_warmup(now)
         return self._run_header(self._warmup[0])
 
-    def _finish_warmup(self) -> list[Intent]:
+    def _finish_warmup(self, now: float | None) -> list[Intent]:
         self.fire("warmup_finished")
+        if now is not None:
+            self.last_activity_at = now  # the watchdog counts from READY
         ready = ReadyV1(
             mesh_size=self.mesh_size,
             warmup_chunks=len(self._warmup_ms),
@@ -210,18 +263,29 @@ class LeaderRelay(ProtocolMachine):
         )
         log.info("leader rank=%d warmup done: %d chunks %s ms state=%s", self.rank, len(self._warmup_ms),
                  [round(t, 1) for t in self._warmup_ms], self.state)
-        return [SendReady(ready)]
+        self._lifecycle_event("warmup_done")
+        return [SendReady(ready), *self._next()]
+
+    def _next(self) -> list[Intent]:
+        """Serving: wait for the next envelope (the in-process front of pure TP hands them over)."""
+        if self.front_in_process or self.state != IDLE:
+            return []
+        wd = self.watchdog_deadline()
+        return [AwaitEnvelope(until=None if math.isinf(wd) else wd)]
 
     def _run_header(self, header: TPHeaderV1) -> list[Intent]:
-        out: list[Intent] = []
+        warmup = header.action is Action.WARMUP
+        out: list[Intent] = [MakeWarmupTensors(header)] if warmup else []
         if self.mesh_size > 1:
-            out.append(SendTP(header))
+            out.append(SendTP(header, with_tensors=not warmup))  # WARMUP tensors never travel
         out.append(RunShard(header))
         return out
 
     # -- envelopes ----------------------------------------------------------------------------------
     def on_envelope(self, env: PPEnvelopeV1, now: float | None = None) -> list[Intent]:
         """An envelope's header arrived from the front (its tensors, if any, not yet received)."""
+        if self.state == CHANNELS:
+            return self._on_ping(env)
         if self.state != IDLE:  # e.g. an envelope while a shard runs: outside the table
             self.fire("envelope_infer")  # raises InvalidEvent, state untouched
         if now is not None:
@@ -300,7 +364,7 @@ class LeaderRelay(ProtocolMachine):
         if now is not None:
             self.last_activity_at = now
         if len(self._warmup_ms) == len(self._warmup):
-            return self._finish_warmup()
+            return self._finish_warmup(now)
         self.fire("warmup_chunk_done")
         return self._run_header(self._warmup[i + 1])
 
@@ -325,16 +389,22 @@ class LeaderRelay(ProtocolMachine):
         return [SendResult(result), Exit(EXIT_FAILED, cause.reason)]
 
     def on_result_sent(self, now: float | None = None) -> list[Intent]:
-        """The result (and its tensors) went out. Back to idle, or Exit(0) after SHUTDOWN."""
+        """The result (and its tensors) went out. Back to idle (then the next envelope), WarmPair after
+        the PING's answer, Exit(0) after SHUTDOWN's; nothing after a failure (its Exit follows)."""
+        if self.state == FAILED:
+            return []
         self.results_sent += 1
         if now is not None:
             self.last_activity_at = now
+        if self.state == CHANNELS:
+            return [WarmPair()]
         if self.state == STOPPING:
             self.fire("shutdown_sent")
+            self._lifecycle_event("shutdown_received")
             return [Exit(EXIT_OK, f"shutdown (call_id={self.last_call_id})")]
         self.fire("result_sent")  # InvalidEvent unless replying
         log.debug("leader rank=%d result sent (last call_id=%s) state=%s", self.rank, self.last_call_id, self.state)
-        return []
+        return self._next()
 
     # -- the watchdog and fatal errors --------------------------------------------------------------
     def watchdog_deadline(self) -> float:
@@ -356,6 +426,29 @@ class LeaderRelay(ProtocolMachine):
         Fails the machine and exits; nothing more is sent."""
         cause = self.fail_with(reason, "local" if kind == "local" else "remote")
         return [Exit(EXIT_FAILED, cause.reason)]
+
+    def on_timed_out(self, now: float) -> list[Intent]:
+        """A bounded wait ran out: the front's PING never came, or the watchdog (no envelope for W)."""
+        if self.state == CHANNELS:
+            return self.on_fatal(f"no PING from the front within {self.warm_timeout_s:g} s", "remote")
+        out = self.on_tick(now)
+        return out or self._next()
+
+    def on_peer_gone(self, reason: str) -> list[Intent]:
+        return self.on_fatal(f"channel broke: {reason}", "remote")
+
+    def on_bad_message(self, reason: str) -> list[Intent]:
+        return self.on_fatal(f"bad message: {reason}", "remote")
+
+    def on_local_error(self, reason: str) -> list[Intent]:
+        """We were about to break the protocol (a preflight refused a send): a bug; fail the rank."""
+        return self.on_fatal(f"local protocol error: {reason}", "local")
+
+    def on_drain(self, now: float) -> list[Intent]:
+        """SIGTERM: finish the call in hand, then wait for SHUTDOWN (the watchdog bounds the wait)."""
+        self._lifecycle_event("drain")
+        log.info("leader rank=%d drain requested: finishing the call in hand, waiting for SHUTDOWN", self.rank)
+        return []
 
     # -- helpers ------------------------------------------------------------------------------------
     def _preflight_validate(self, env: PPEnvelopeV1, geometry: ChunkGeometry, last_call_id: int | None) -> None:

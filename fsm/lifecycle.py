@@ -19,9 +19,11 @@ sent SHUTDOWN and got its result.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from .base import ProtocolMachine
+from pp1.protocol.config import RunConfig
+
+from .base import ErrorKind, FailureCause, ProtocolMachine
 
 log = logging.getLogger("pp1.fsm.lifecycle")
 
@@ -122,6 +124,20 @@ TP_RANK0_BINDINGS: dict[str, str] = {
 }
 
 
+SignalVerdict = Literal["drain", "ignore", "fail"]
+
+
+def drain_bound_s(config: RunConfig, hosts_front: bool, deadline_s: float | None = None) -> float:
+    """How long an orderly drain may take before the rank crashes instead. The front (and pure TP's
+    rank 0): twice its result deadline (the chunk in flight, then SHUTDOWN's answer) plus two heartbeats
+    and 5 s. A mesh rank waits for the front's SHUTDOWN, but not past the front's own bound with its
+    deadline floor, plus the watchdog."""
+    if hosts_front:
+        deadline = config.deadline_floor_s if deadline_s is None else deadline_s
+        return 2 * deadline + 2 * config.heartbeat_s + 5
+    return 2 * config.deadline_floor_s + 2 * config.heartbeat_s + config.watchdog_s + 5
+
+
 class Lifecycle(ProtocolMachine):
     """Base of the per-role lifecycles. Tracks this rank's load result for the vote."""
 
@@ -143,6 +159,19 @@ class Lifecycle(ProtocolMachine):
         if not ok:
             log.error("%s rank=%d load failed: %s", self.NAME, self.rank, reason)
         return 1 if ok else 0
+
+    # -- signals (SIGTERM / Ctrl-C) -------------------------------------------------------------------
+    def signal_verdict(self) -> SignalVerdict:
+        """What a signal (SIGTERM / Ctrl-C) means in this state, without changing it (the signal handler
+        runs on another thread than the role's loop): ``drain`` in serving (the role's machine is asked
+        to end in order, and moves the lifecycle to draining itself), ``ignore`` while already draining
+        or ended (the drain is bounded), ``fail`` in every earlier state (the rank is inside a startup
+        collective: it fails at once)."""
+        if self.state == SERVING:
+            return "drain"
+        if self.state == DRAINING or self.is_terminal:
+            return "ignore"
+        return "fail"
 
     def on_vote(self, min_vote: int, detail: str = "") -> str:
         """The all-reduced (MIN) vote: 1 -> vote_ok; 0 -> failed (local when this rank's own load
@@ -213,12 +242,23 @@ def make_lifecycle(role: str, rank: int, **ctx: Any) -> Lifecycle:
     return cls(rank, **ctx)
 
 
-def role_of(rank: int, mesh_global_ranks: tuple[int, ...], front_rank: int | None) -> str:
-    """The role of global ``rank`` for a topology (RunConfig.mesh_global_ranks / front_rank)."""
-    if front_rank is not None and rank == front_rank:
-        return "front"
-    if rank not in mesh_global_ranks:
-        raise ValueError(f"rank {rank} is neither the front ({front_rank}) nor in the mesh {mesh_global_ranks}")
-    if rank == mesh_global_ranks[0]:
-        return "leader" if front_rank is not None else "tp_rank0"
-    return "worker"
+class RoleMachine(ProtocolMachine):
+    """A role's serving machine (leader relay, worker loop, the front's chunk machine) linked to its
+    rank's lifecycle: it moves the lifecycle at the protocol steps that define its phases, and fails it
+    with the same cause."""
+
+    def __init__(self, rank: int, *, lifecycle: Lifecycle | None = None, **ctx: Any) -> None:
+        super().__init__(rank, **ctx)
+        self.lifecycle = lifecycle
+
+    def _lifecycle_event(self, event: str) -> None:
+        lc = self.lifecycle
+        if lc is not None and lc.can_fire(event):
+            lc.fire(event)
+
+    def fail_with(self, reason: str, kind: ErrorKind) -> FailureCause:
+        cause = super().fail_with(reason, kind)
+        lc = self.lifecycle
+        if lc is not None and not lc.is_terminal:
+            lc.fail_with(cause.reason, cause.kind)
+        return cause

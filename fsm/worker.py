@@ -1,48 +1,68 @@
 """The mesh worker's loop (mesh ranks 1..M-1) and its watchdog.
 
-waiting --header(INFER|WARMUP)--> running --shard_done--> waiting; NOOP (heartbeat) keeps it
-waiting and re-arms the watchdog; SHUTDOWN -> exited (Exit 0). WARMUP tensors do not travel:
-every mesh rank makes them from ``header.seed``. The startup PING on the TP channel belongs to
-``warming_channels`` (the channel adapter), not to this loop: a PING here fails the rank. In ``waiting``, no header for
-``watchdog_s`` seconds (W > 3H) -> failed, Exit(EXIT_ORPHAN): the leader or the front is gone.
-The watchdog is not armed while a shard runs (a collective that never returns is bounded by
-the process-group timeout, not by this loop).
+warming --PING--> (WarmMesh) --warm--> waiting --header(INFER|WARMUP)--> running --shard_done-->
+waiting; NOOP (heartbeat) keeps it waiting and re-arms the watchdog; SHUTDOWN -> exited (Exit 0).
+The machine drives its own loop: after every step it asks for the next header with
+``AwaitHeader(until=watchdog deadline)``. WARMUP tensors do not travel: every mesh rank makes them
+from ``header.seed`` (``MakeWarmupTensors``). In ``waiting``, no header for ``watchdog_s`` seconds
+(W > 3H) -> failed, Exit(EXIT_ORPHAN): the leader or the front is gone; a lost leader is an orphan
+exit too. The watchdog is not armed while a shard runs (a collective that never returns is bounded
+by the device-collective monitor and the process-group timeout, not by this loop).
 
-Time is passed in (``now``, seconds on any monotonic clock); the adapter owns the clock. The
-adapter waits for the next header on the CPU channel with a timeout of
-``watchdog_deadline() - now`` and calls ``on_tick(now)`` when that wait times out.
+Every header is validated (``validate_tp_header``; call_ids strictly increase within the warmup
+sequence and within the serving sequence, which restarts at the front's ids); a header that breaks
+the rules fails the rank (the leader broke the protocol). Tests and production build it the same way.
+
+With a ``lifecycle`` (the rank's lifecycle machine), the worker moves it: ``channels_warm`` once the
+mesh device probe completed, ``warmup_done`` at the first header that is not WARMUP (fired before
+handling that header), ``drain`` on a drain request, ``shutdown_received`` on SHUTDOWN, and its failure
+with the same cause.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from pp1.protocol.errors import RemoteProtocolError
 from pp1.protocol.geometry import ChunkGeometry
 from pp1.protocol.messages import Action, TPHeaderV1
 from pp1.protocol.preflight import validate_tp_header
+from pp1.protocol.schedule import PING_CALL_ID
 
-from .base import ProtocolMachine
-from .intents import EXIT_FAILED, EXIT_OK, EXIT_ORPHAN, Exit, Intent, RecvTensors, RunShard
+from .intents import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_ORPHAN,
+    AwaitHeader,
+    Exit,
+    Intent,
+    MakeWarmupTensors,
+    RecvTensors,
+    RunShard,
+    WarmMesh,
+)
+from .lifecycle import Lifecycle, RoleMachine
 
 log = logging.getLogger("pp1.fsm.worker")
 
-WAITING, RUNNING, EXITED, FAILED = "waiting", "running", "exited", "failed"
+WARMING, WAITING, RUNNING, EXITED, FAILED = "warming", "waiting", "running", "exited", "failed"
 
-STATES = [WAITING, RUNNING, EXITED, FAILED]
+STATES = [WARMING, WAITING, RUNNING, EXITED, FAILED]
 TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     # (event, source(s), dest)
+    ("ping", WARMING, WARMING),  # the leader's PING header: WarmMesh (one all-reduce on the mesh device group)
+    ("warm", WARMING, WAITING),  # the probe completed: warmup headers follow
     ("heartbeat", WAITING, WAITING),  # NOOP header: re-arm the watchdog
-    ("header", WAITING, RUNNING),  # INFER or WARMUP header: receive its tensors, run the shard
+    ("header", WAITING, RUNNING),  # INFER or WARMUP header: receive (or make) its tensors, run the shard
     ("shard_done", RUNNING, WAITING),
     ("shutdown", WAITING, EXITED),  # SHUTDOWN header
     # "fail" (every non-terminal state -> failed) is added by ProtocolMachine: watchdog expiry,
-    # a shard that raised, a header that breaks the protocol.
+    # a lost leader, a shard that raised, a header that breaks the protocol.
 ]
 
-# TP action -> event of the table; any other action (PING, READY) from the leader breaks the protocol.
+# TP action -> event of the table; any other action (PING after warming, READY) breaks the protocol.
 EVENT_FOR_ACTION: dict[Action, str] = {
     Action.NOOP: "heartbeat",
     Action.INFER: "header",
@@ -51,45 +71,55 @@ EVENT_FOR_ACTION: dict[Action, str] = {
 }
 
 
-class WorkerLoop(ProtocolMachine):
+class WorkerLoopMachine(RoleMachine):
     """A mesh worker's loop (mesh ranks 1..M-1): runs its shard for each relayed header; NOOP
     re-arms the watchdog, SHUTDOWN exits 0, no header for W seconds exits as an orphan.
 
-    ``serving`` turns True at the first header that is not WARMUP: the adapter fires the
-    lifecycle's ``warmup_done`` then.
-
-    With ``geometry``, every header is validated (``validate_tp_header``; call_ids strictly
-    increase within the warmup sequence and within the serving sequence, which restarts at the
-    front's ids); a header that breaks the rules fails the rank (the leader broke the protocol).
+    ``watchdog_s``: W; ``now``: the clock at construction; ``heartbeat_s``: H (W > 3H is checked);
+    ``geometry``: what headers are validated against; ``warm_timeout_s``: the bound on the wait for
+    the leader's PING (default 4 W).
     """
 
-    NAME = "worker"
-    STATES = STATES
-    TRANSITIONS = TRANSITIONS
-    INITIAL = WAITING
-    TERMINAL = frozenset({EXITED, FAILED})
+    NAME: ClassVar[str] = "worker"
+    STATES: ClassVar[list[str]] = STATES
+    TRANSITIONS: ClassVar[list[tuple[str, str | list[str], str]]] = TRANSITIONS
+    INITIAL: ClassVar[str] = WARMING
+    TERMINAL: ClassVar[frozenset[str]] = frozenset({EXITED, FAILED})
 
     def __init__(
         self,
         rank: int,
         watchdog_s: float,
         now: float,
+        geometry: ChunkGeometry,
         heartbeat_s: float | None = None,
-        geometry: ChunkGeometry | None = None,
+        *,
+        warm_timeout_s: float | None = None,
+        lifecycle: Lifecycle | None = None,
         **ctx: Any,
     ) -> None:
-        if watchdog_s <= 0:
-            raise ValueError(f"watchdog_s must be > 0, got {watchdog_s}")
+        if not (watchdog_s > 0 and math.isfinite(watchdog_s)):
+            raise ValueError(f"watchdog_s must be a positive, finite number, got {watchdog_s}")
         if heartbeat_s is not None and not watchdog_s > 3 * heartbeat_s:
             raise ValueError(f"watchdog W={watchdog_s}s must exceed 3 x heartbeat H={heartbeat_s}s")
-        super().__init__(rank, **ctx)
+        super().__init__(rank, lifecycle=lifecycle, **ctx)
         self.watchdog_s = watchdog_s
+        self.warm_timeout_s = warm_timeout_s if warm_timeout_s is not None else 4 * watchdog_s
         self.last_header_at = now
         self.current: TPHeaderV1 | None = None
         self.serving = False
         self.headers_seen = 0
         self.geometry = geometry
         self._last_ids: dict[bool, int | None] = {False: None, True: None}  # warmup? -> last call_id
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Intent]:
+        """Wait for the leader's PING (the TP channel's warm-up), bounded by ``warm_timeout_s``."""
+        self.last_header_at = now
+        return [AwaitHeader(until=now + self.warm_timeout_s)]
+
+    def _next(self) -> list[Intent]:
+        return [AwaitHeader(until=self.watchdog_deadline())]
 
     # -- the watchdog -------------------------------------------------------------------------------
     def watchdog_deadline(self) -> float:
@@ -102,49 +132,66 @@ class WorkerLoop(ProtocolMachine):
         """Check the watchdog. Returns [] or [Exit(EXIT_ORPHAN, ...)] (state -> failed)."""
         if self.state == WAITING and now >= self.watchdog_deadline():
             waited = now - self.last_header_at
-            reason = f"orphan: no header for {waited:.1f} s (watchdog W={self.watchdog_s:g} s)"
-            self.fail_with(reason, "remote")
-            log.error("worker rank=%d state=%s %s", self.rank, self.state, reason)
-            return [Exit(EXIT_ORPHAN, reason)]
+            return self._exit(EXIT_ORPHAN, f"orphan: no header for {waited:.1f} s (watchdog W={self.watchdog_s:g} s)",
+                              "remote")
         return []
+
+    def on_timed_out(self, now: float) -> list[Intent]:
+        """The bounded wait for a header ran out."""
+        if self.state == WARMING:
+            return self._exit(EXIT_FAILED, f"no PING from the leader within {self.warm_timeout_s:g} s", "remote")
+        out = self.on_tick(now)
+        return out or (self._next() if self.state == WAITING else [])
 
     # -- headers ------------------------------------------------------------------------------------
     def on_header(self, header: TPHeaderV1, now: float) -> list[Intent]:
         """A TP header arrived from the leader. In ``running`` this is an InvalidEvent (the
         adapter receives headers only while waiting)."""
+        if self.state == WARMING:
+            return self._on_ping(header)
         event = EVENT_FOR_ACTION.get(header.action)
         if self.state == WAITING:
             reason = self._check(header, event)
             if reason:
-                self.fail_with(reason, "remote")
-                log.error("worker rank=%d call_id=%d state=%s %s", self.rank, header.call_id, self.state, reason)
-                return [Exit(EXIT_FAILED, reason)]
+                return self._exit(EXIT_FAILED, reason, "remote")
+        if header.action is not Action.WARMUP and not self.serving and self.state == WAITING:
+            self._lifecycle_event("warmup_done")  # before handling the first serving header
         self.fire(event or "header")  # outside the table (e.g. while running): InvalidEvent
         self._last_ids[header.action == Action.WARMUP] = header.call_id
         self.last_header_at = now
         self.headers_seen += 1
         if header.action != Action.WARMUP:
             self.serving = True
-        log.debug(
-            "worker rank=%d action=%s call_id=%d chunk_index=%d cache_epoch=%d state=%s",
-            self.rank, header.action.value, header.call_id, header.chunk_index, header.cache_epoch, self.state,
-        )
+        log.debug("worker rank=%d action=%s call_id=%d chunk_index=%d cache_epoch=%d state=%s",
+                  self.rank, header.action.value, header.call_id, header.chunk_index, header.cache_epoch, self.state)
         if event == "heartbeat":
-            return []
+            return self._next()
         if event == "shutdown":
+            self._lifecycle_event("shutdown_received")
             return [Exit(EXIT_OK, f"shutdown (call_id={header.call_id})")]
         self.current = header
-        out: list[Intent] = []
-        if header.tensors and header.action != Action.WARMUP:  # WARMUP tensors are made from the seed
-            out.append(RecvTensors(header.tensors))
-        out.append(RunShard(header))
-        return out
+        if header.action is Action.WARMUP:  # WARMUP tensors are made from the seed, never sent
+            return [MakeWarmupTensors(header), RunShard(header)]
+        out: list[Intent] = [RecvTensors(header.tensors)] if header.tensors else []
+        return [*out, RunShard(header)]
+
+    def _on_ping(self, header: TPHeaderV1) -> list[Intent]:
+        if header.action is not Action.PING or header.call_id != PING_CALL_ID:
+            return self._exit(EXIT_FAILED, f"expected the leader's PING (call_id={PING_CALL_ID}) first, got "
+                              f"{header.action.value} call_id={header.call_id}", "remote")
+        self.fire("ping")
+        return [WarmMesh()]
+
+    def on_mesh_warm(self, now: float) -> list[Intent]:
+        """The mesh device probe completed: the TP channel is warm; warmup headers follow."""
+        self.fire("warm")
+        self._lifecycle_event("channels_warm")
+        self.last_header_at = now
+        return self._next()
 
     def _check(self, header: TPHeaderV1, event: str | None) -> str:
         if event is None:
             return f"unexpected TP action {header.action.value!r} (call_id={header.call_id})"
-        if self.geometry is None:
-            return ""
         try:
             validate_tp_header(header, self.geometry, self._last_ids[header.action == Action.WARMUP])
         except RemoteProtocolError as err:
@@ -152,16 +199,38 @@ class WorkerLoop(ProtocolMachine):
         return ""
 
     # -- the shard ----------------------------------------------------------------------------------
-    def on_shard_done(self, now: float) -> list[Intent]:
+    def on_shard_done(self, now: float, observed_calls: int = 0, current_start_frame: int = 0,
+                      timings_ms: dict[str, float] | None = None) -> list[Intent]:
         """The shard finished its call; back to waiting, watchdog re-armed from ``now``."""
         self.fire("shard_done")
         self.last_header_at = now
         self.current = None
-        return []
+        return self._next()
 
-    def on_shard_failed(self, reason: str) -> list[Intent]:
+    def on_shard_failed(self, reason: str, recoverable: bool = False) -> list[Intent]:
         """The shard raised: this rank fails (the leader's collectives fail with it)."""
         h = self.current
         where = f" (call_id={h.call_id} chunk_index={h.chunk_index})" if h else ""
-        cause = self.fail_with(f"shard failed{where}: {reason}", "local")
-        return [Exit(EXIT_FAILED, cause.reason)]
+        return self._exit(EXIT_FAILED, f"shard failed{where}: {reason}", "local")
+
+    # -- broken channels and requests ---------------------------------------------------------------
+    def on_peer_gone(self, reason: str) -> list[Intent]:
+        """The leader's connection closed (a header or its tensors could not be received): it is gone."""
+        return self._exit(EXIT_ORPHAN, f"orphan: lost the leader ({reason[:160]})", "remote")
+
+    def on_bad_message(self, reason: str) -> list[Intent]:
+        return self._exit(EXIT_FAILED, f"bad TP header: {reason}", "remote")
+
+    def on_drain(self, now: float) -> list[Intent]:
+        """SIGTERM: finish the call in hand, then wait for SHUTDOWN (the watchdog bounds the wait)."""
+        self._lifecycle_event("drain")
+        log.info("worker rank=%d drain requested: waiting for SHUTDOWN (the watchdog bounds the wait)", self.rank)
+        return []
+
+    def _exit(self, code: int, reason: str, kind: str) -> list[Intent]:
+        if not self.is_terminal:
+            self.fail_with(reason, "local" if kind == "local" else "remote")
+            log.error("worker rank=%d state=%s %s", self.rank, self.state, reason)
+        return [Exit(code, reason)]
+
+

@@ -17,13 +17,15 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pp1.protocol.geometry import ChunkGeometry
+from pp1.protocol.schedule import expected_generator_calls
 
 from .comm import Communicator
 
 
 @dataclass
 class ChunkCall:
-    """One generator call as the mesh sees it (built from a PP envelope or a TP header)."""
+    """One generator call as the mesh sees it: the call parameters of a TP header (built generically from
+    ``TPHeaderV1.call_params()``, never field by field) and its tensors."""
 
     call_id: int
     chunk_index: int
@@ -39,7 +41,7 @@ class ChunkCall:
 
     @property
     def expected_generator_calls(self) -> int:
-        return len(self.timesteps) + (1 if self.do_kv_recompute else 0)
+        return expected_generator_calls(len(self.timesteps), self.do_kv_recompute)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .messages import PROTOCOL_VERSION
 
 Topology = Literal["pp1", "tp"]
+Role = Literal["front", "leader", "worker", "tp_rank0"]
 
 
 class RunConfig(BaseModel):
@@ -75,6 +76,23 @@ class RunConfig(BaseModel):
     @property
     def mesh_size(self) -> int:
         return len(self.mesh_global_ranks)
+
+    def role_of(self, rank: int) -> Role:
+        """The role of global ``rank``: ``front`` (rank 0 under pp1), ``leader`` (mesh_global_ranks[0]
+        under pp1; never hard-coded), ``tp_rank0`` (the leader under pure TP: leader + front in one
+        process) or ``worker`` (the rest of the mesh). The one place roles are derived."""
+        if self.front_rank is not None and rank == self.front_rank:
+            return "front"
+        if rank not in self.mesh_global_ranks:
+            raise ValueError(f"rank {rank} is neither the front ({self.front_rank}) nor in the mesh "
+                             f"{self.mesh_global_ranks}")
+        if rank == self.leader_rank:
+            return "leader" if self.front_rank is not None else "tp_rank0"
+        return "worker"
+
+    def hosts_front(self, rank: int) -> bool:
+        """Runs the front's work (stage 0, the chunk schedule, HTTP): the front, or pure TP's rank 0."""
+        return self.role_of(rank) in ("front", "tp_rank0")
 
     def digest(self) -> str:
         return config_digest(self.model_dump(mode="json"))

@@ -11,7 +11,7 @@ Tensors are announced by ``tensors`` (ordered specs) and travel after the header
 from __future__ import annotations
 
 from enum import Enum, IntEnum
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,55 +71,56 @@ class _Message(BaseModel):
         return None
 
 
-class PPEnvelopeV1(_Message):
+class _CallIds(_Message):
+    """The ids every call-related message carries (the front's tripwires compare them)."""
+
+    action: Action
+    call_id: int = Field(ge=0)
+    chunk_index: int = Field(default=0, ge=0)
+    cache_epoch: int = Field(default=0, ge=0)
+
+
+class _CallParams(_CallIds):
+    """What the mesh needs to run one call: the ids, the cache flags, the steps and the seed (declared
+    once: the PP envelope and the TP header carry the same fields)."""
+
+    init_cache: bool = False  # first chunk of an epoch: start from an empty KV cache
+    reset_cache: bool = False  # drop the mesh's KV cache before this chunk (hard cut)
+    do_kv_recompute: bool = False  # rebuild the KV cache from context_frames first
+    timesteps: tuple[int, ...] = ()
+    seed: int = Field(default=0, ge=0, lt=2**63)
+
+    def call_params(self) -> dict[str, Any]:
+        """The fields of :class:`_CallParams` (the ids, flags, steps and seed), by name."""
+        return {name: getattr(self, name) for name in CALL_PARAMS}
+
+
+class PPEnvelopeV1(_CallParams):
     """Front -> leader. ``call_id`` strictly increases over the job's life."""
 
     KIND: ClassVar[MessageKind] = MessageKind.PP_ENVELOPE
 
-    action: Action
-    call_id: int = Field(ge=0)
-    chunk_index: int = Field(default=0, ge=0)
-    cache_epoch: int = Field(default=0, ge=0)
-    init_cache: bool = False  # first chunk of an epoch: start from an empty KV cache
-    reset_cache: bool = False  # drop the mesh's KV cache before this chunk (hard cut)
-    do_kv_recompute: bool = False  # rebuild the KV cache from context_frames first
     num_denoising_steps: int = Field(default=0, ge=0)
-    timesteps: tuple[int, ...] = ()
     expected_generator_calls: int = Field(default=0, ge=0)
-    seed: int = Field(default=0, ge=0, lt=2**63)
 
 
-class PPResultV1(_Message):
+class PPResultV1(_CallIds):
     """Leader -> front, one per envelope. ``ok=False`` carries an error code and message."""
 
     KIND: ClassVar[MessageKind] = MessageKind.PP_RESULT
 
-    action: Action
     ok: bool
     error_code: ErrorCode | None = None
     error_message: str = ""
-    call_id: int = Field(ge=0)
-    chunk_index: int = Field(default=0, ge=0)
-    cache_epoch: int = Field(default=0, ge=0)
     observed_generator_calls: int = Field(default=0, ge=0)
     current_start_frame: int = Field(default=0, ge=0)  # mesh's KV position after this chunk
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 
-class TPHeaderV1(_Message):
+class TPHeaderV1(_CallParams):
     """Leader -> workers. Carries what a worker needs to run its shard of one call."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TP_HEADER
-
-    action: Action
-    call_id: int = Field(ge=0)
-    chunk_index: int = Field(default=0, ge=0)
-    cache_epoch: int = Field(default=0, ge=0)
-    init_cache: bool = False
-    reset_cache: bool = False
-    do_kv_recompute: bool = False
-    timesteps: tuple[int, ...] = ()
-    seed: int = Field(default=0, ge=0, lt=2**63)
 
 
 class ReadyV1(_Message):
@@ -143,17 +144,9 @@ MESSAGE_TYPES: dict[MessageKind, type[_Message]] = {
 }
 
 
+CALL_PARAMS: tuple[str, ...] = tuple(n for n in _CallParams.model_fields if n not in _Message.model_fields)
+
+
 def relay_header(env: PPEnvelopeV1) -> TPHeaderV1:
     """The TP header the leader sends its workers for a (validated) PP envelope."""
-    return TPHeaderV1(
-        action=env.action,
-        call_id=env.call_id,
-        chunk_index=env.chunk_index,
-        cache_epoch=env.cache_epoch,
-        init_cache=env.init_cache,
-        reset_cache=env.reset_cache,
-        do_kv_recompute=env.do_kv_recompute,
-        timesteps=env.timesteps,
-        seed=env.seed,
-        tensors=env.tensors,
-    )
+    return TPHeaderV1(**env.call_params(), tensors=env.tensors)

@@ -2,9 +2,8 @@
 
 ``DIR/epoch{e}_chunk{k}.pt``: the uint8 ``[F, H, W, 3]`` frames as shown (``torch.save``), and
 ``DIR/epoch{e}_chunk{k}_latents.pt``: the latents they were decoded from, as received from the mesh.
-Hooks only: the chunk engine's ``on_frames`` callback and a wrapper around its Link's ``recv`` (to see
-the latents); the files are written by one background thread, so the comms thread only queues
-references. ``close()`` waits (bounded) until everything queued is on disk.
+A frame sink of the front's engine (it sees each shown chunk's frames and latents); the files are
+written by one background thread, so the comms thread only queues references. ``close()`` waits (bounded) until everything queued is on disk.
 """
 
 from __future__ import annotations
@@ -13,13 +12,16 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pp1.adapters.rank.options import check_dump_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pp1.adapters.front.engine import FrameBatch
 
 log = logging.getLogger("pp1.adapters.front.frame_dump")
 
@@ -34,24 +36,6 @@ def latents_path(directory: str | os.PathLike[str], cache_epoch: int, chunk_inde
     return Path(directory) / f"epoch{cache_epoch}_chunk{chunk_index}_latents.pt"
 
 
-class DumpLink:
-    """A Link that hands every received result's latents to the dump, then to the engine."""
-
-    def __init__(self, link: Any, dump: FrameDump) -> None:
-        self._link, self._dump = link, dump
-        self.overlaps = link.overlaps
-
-    def send(self, env: Any, tensors: Sequence[torch.Tensor], preflight: bool = True,
-             timeout_s: float | None = None) -> None:
-        self._link.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
-
-    def recv(self, deadline_at: float | None) -> tuple[Any, list[torch.Tensor]]:
-        result, tensors = self._link.recv(deadline_at)
-        if tensors:
-            self._dump.note_latents(int(result.call_id), tensors[0])
-        return result, tensors
-
-
 class FrameDump:
     """Saves shown chunks to ``directory``; ``on_frames`` is the engine's callback."""
 
@@ -59,28 +43,17 @@ class FrameDump:
         check_dump_dir(directory)
         self.directory = Path(directory)
         self._save = save
-        self._latents: dict[int, torch.Tensor] = {}  # call_id -> latents received, not shown yet
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.saved = 0
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._write_loop, name="pp1-frame-dump", daemon=True)
         self._thread.start()
 
-    def wrap(self, link: Any) -> DumpLink:
-        return DumpLink(link, self)
-
-    def note_latents(self, call_id: int, latents: torch.Tensor) -> None:
-        self._latents[call_id] = latents
-
-    def on_frames(self, frames: torch.Tensor, rec: Any) -> None:
-        """A chunk was shown: queue its frames (and latents) for the writer thread."""
-        latents = self._latents.pop(rec.call_id, None)
-        for cid in [c for c in self._latents if c < rec.call_id]:  # stale results: never shown
-            del self._latents[cid]
-        e, k = rec.cache_epoch, rec.chunk_index
-        self._queue.put((frames, frames_path(self.directory, e, k)))
-        if latents is not None:
-            self._queue.put((latents, latents_path(self.directory, e, k)))
+    def on_frames(self, batch: FrameBatch) -> None:
+        """A chunk was shown (a frame sink of the engine): queue its frames and latents for the writer."""
+        e, k = batch.record.cache_epoch, batch.record.chunk_index
+        self._queue.put((batch.frames, frames_path(self.directory, e, k)))
+        self._queue.put((batch.latents, latents_path(self.directory, e, k)))
 
     def _write_loop(self) -> None:
         while True:

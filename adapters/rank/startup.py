@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pp1.adapters.rank.faults import FaultPlan
-from pp1.adapters.rank.observe import emit_event, set_state
+from pp1.adapters.rank.observe import emit_event
 from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
 from pp1.fsm.intents import EXIT_FAILED
 from pp1.fsm.lifecycle import Lifecycle
@@ -43,7 +43,7 @@ class RankExit(Exception):
 
 
 @dataclass
-class Loaded:
+class LoadedPipeline:
     """What the load step produced on this rank."""
 
     factory: PipelineFactory
@@ -81,14 +81,10 @@ class Startup:
         self.stop_requested = stop_requested or threading.Event()
 
     # -- helpers -----------------------------------------------------------------------------------
-    def phase(self) -> None:
-        set_state(self.lc.state)
-
     def fail(self, reason: str, kind: str = "local", code: int = EXIT_FAILED) -> RankExit:
         if not self.lc.is_terminal:
             self.lc.fail_with(reason, "local" if kind == "local" else "remote")
         cause = self.lc.failure
-        set_state(self.lc.state)
         log.error("%s", cause or reason)
         emit_event("failed", reason=str(cause or reason), phase=cause.phase if cause else "?")
         return RankExit(code, str(cause or reason))
@@ -101,7 +97,7 @@ class Startup:
             raise self.fail(f"stop requested during {self.lc.state}", "local")
 
     # -- the steps ---------------------------------------------------------------------------------
-    def run(self, build: Callable[[], Loaded]) -> Loaded:
+    def run(self, build: Callable[[], LoadedPipeline]) -> LoadedPipeline:
         """init .. barrier. Returns what the load built."""
         rt = self.rt
         emit_event("phase", phase=self.lc.state, mesh_rank=rt.mesh_rank)
@@ -135,8 +131,8 @@ class Startup:
             raise self.fail(f"topology: {exc}", "local") from exc
         self.fire("parity_ok")
 
-    def _load(self, build: Callable[[], Loaded]) -> Loaded | None:
-        loaded: Loaded | None = None
+    def _load(self, build: Callable[[], LoadedPipeline]) -> LoadedPipeline | None:
+        loaded: LoadedPipeline | None = None
         reason = ""
         try:
             self.faults.check("load")
@@ -146,10 +142,9 @@ class Startup:
             log.exception("load failed")
         vote = self.lc.on_loaded(loaded is not None, reason)
         self._load_reason = reason
-        self.phase()
         return loaded if vote else None
 
-    def _vote(self, loaded: Loaded | None) -> None:
+    def _vote(self, loaded: LoadedPipeline | None) -> None:
         rt = self.rt
         t = torch.tensor([1 if loaded is not None else 0], dtype=torch.int32)
         rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "vote")
@@ -158,11 +153,10 @@ class Startup:
             causes = rt.all_gather_object(self._load_reason or None, rt.groups.world_cpu, "vote_causes")
             detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(causes) if c)
         self.lc.on_vote(int(t.item()), detail)
-        if self.lc.state == "failed":
-            raise self.fail(self.lc.failure.reason if self.lc.failure else "vote failed")
-        self.phase()
+        if self.lc.failure is not None:
+            raise self.fail(self.lc.failure.reason)
 
-    def _fingerprint_and_barrier(self, loaded: Loaded | None) -> None:
+    def _fingerprint_and_barrier(self, loaded: LoadedPipeline | None) -> None:
         rt = self.rt
         assert loaded is not None
         fp_ok = True

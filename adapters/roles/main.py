@@ -1,11 +1,12 @@
 """The torchrun entry of every rank: ``python -m pp1.adapters.roles.main [options]``.
 
-Parses the run config, runs the common startup, dispatches by role (front, leader, worker, or
-pure-TP rank 0), and maps the outcome to an exit code (0 orderly shutdown, 1 failed, 3 orphan).
-The role runs in a thread; the main thread handles SIGTERM / SIGINT and bounds every exit:
-a signal in serving drains (front) or waits for SHUTDOWN (mesh; the watchdog bounds it); a
-signal before serving fails the rank at once. Non-zero exits are crash-only (``os._exit``,
-no group is touched again); an orderly exit destroys the process groups under a time bound.
+Parses the options (the one table, ``adapters/rank/options.py``), runs the common startup, dispatches by
+role (front, leader, worker, or pure-TP rank 0: the role comes from ``RunConfig.role_of``), and maps
+the outcome to an exit code (0 orderly shutdown, 1 failed, 3 orphan). The role runs in a thread; the
+main thread handles SIGTERM / SIGINT and bounds every exit: the lifecycle machine says what a signal
+means (``Lifecycle.signal_verdict``: drain in serving, fail before), a drain is posted to the serving
+executor, and its bound is the lifecycle's rule (``drain_bound_s``). Non-zero exits are crash-only
+(``os._exit``, no group is touched again); an orderly exit destroys the process groups under a bound.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pp1.adapters.rank import options
 from pp1.adapters.rank.faults import FaultPlan, record
 from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
+from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.peak_memory import emit_peak_memory
-from pp1.adapters.rank.startup import Loaded, RankExit, Startup, geometry_for, torch_dtype_of
-from pp1.adapters.roles.front import FrontSession
+from pp1.adapters.rank.startup import LoadedPipeline, RankExit, Startup, geometry_for, torch_dtype_of
+from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
 from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.adapters.transport.tp_channel import TPControlPlane
+from pp1.fsm.base import ProtocolMachine
+from pp1.fsm.events import DrainRequested
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
-from pp1.fsm.lifecycle import Lifecycle, make_lifecycle
+from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
 from pp1.pipelines.loader import load_factory
 from pp1.protocol.config import RunConfig
 
@@ -44,21 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def lifecycle_role(rt: DistributedRuntime) -> str:
-    if rt.role == "leader" and rt.front_rank is None:
-        return "tp_rank0"
-    return rt.role
-
-
-def build_loader(rt: DistributedRuntime, cfg: RunConfig):  # type: ignore[no-untyped-def]
+def build_loader(rt: DistributedRuntime, cfg: RunConfig) -> Callable[[], LoadedPipeline]:
     """The load step of this rank: stage 0 on the front, a generator shard on mesh ranks, both on
     pure-TP rank 0."""
 
-    def build() -> Loaded:
+    def build() -> LoadedPipeline:
         factory = load_factory(cfg.pipeline, cfg.pipeline_options)
         dtype = torch_dtype_of(cfg.dtype)
-        loaded = Loaded(factory=factory, geometry=geometry_for(factory, cfg),
-                        timesteps=tuple(factory.timesteps(cfg.preset)))
+        loaded = LoadedPipeline(factory=factory, geometry=geometry_for(factory, cfg),
+                                timesteps=tuple(factory.timesteps(cfg.preset)))
         if rt.hosts_front:
             loaded.stage0 = factory.build_stage0(cfg.preset, rt.device, dtype)
         if rt.is_mesh_member:
@@ -71,27 +69,16 @@ def build_loader(rt: DistributedRuntime, cfg: RunConfig):  # type: ignore[no-unt
     return build
 
 
-def run_role(rt: DistributedRuntime, cfg: RunConfig, args: Any, lc: Lifecycle, faults: FaultPlan,
-             session: FrontSession, drain: threading.Event) -> int:
-    startup = Startup(rt, cfg, lc, faults, args.pg_timeout_s)
-    loaded = startup.run(build_loader(rt, cfg))
-    role = lifecycle_role(rt)
-    if role == "front":
-        from pp1.adapters.roles.front import serve as front_serve
+def run_role(ctx: RankContext) -> int:
+    """The common startup, then this rank's role until it exits."""
+    startup = Startup(ctx.rt, ctx.config, ctx.lifecycle, ctx.faults, ctx.options.pg_timeout_s)
+    ctx.loaded = startup.run(build_loader(ctx.rt, ctx.config))
+    from pp1.adapters.roles.front import serve_front, serve_tp_rank0
+    from pp1.adapters.roles.leader import serve_leader
+    from pp1.adapters.roles.worker import serve_worker
 
-        return front_serve(rt, lc, loaded, cfg, faults, args, session)
-    tp = TPControlPlane(rt, loaded.geometry, send_timeout_s=cfg.watchdog_s)
-    if role == "tp_rank0":
-        from pp1.adapters.roles.tp_rank0 import serve as tp_serve
-
-        return tp_serve(rt, lc, loaded, cfg, faults, args, session, tp)
-    if role == "leader":
-        from pp1.adapters.roles.leader import serve as leader_serve
-
-        return leader_serve(rt, lc, loaded, cfg, faults, tp, drain)
-    from pp1.adapters.roles.worker import serve as worker_serve
-
-    return worker_serve(rt, lc, loaded, cfg, faults, tp, drain)
+    serve = {"front": serve_front, "tp_rank0": serve_tp_rank0, "leader": serve_leader, "worker": serve_worker}
+    return serve[ctx.rt.role](ctx)
 
 
 class Exiter:
@@ -117,41 +104,50 @@ class Exiter:
             os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = options.from_namespace(build_parser().parse_args(argv))
+def _observe(faults: FaultPlan) -> Callable[[ProtocolMachine, str, str], None]:
+    """The lifecycle's observer: the state on every log line, a progress event per phase, and the fault
+    point of each phase entered (``at=warmup``: on entering warmup)."""
+
+    def on_change(_machine: ProtocolMachine, _event: str, state: str) -> None:
+        set_state(state)
+        emit_event("phase", phase=state)
+        faults.check(state)
+
+    return on_change
+
+
+def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] | None = None) -> int:
+    """Run this rank. ``ctx_hook`` sees the rank's context before startup (the server attaches here)."""
+    opts: JobOptions = options.from_namespace(build_parser().parse_args(argv))
     rank = int(os.environ.get("RANK", "0"))
-    setup_logging(rank, "?", args.log_level)
+    setup_logging(rank, "?", opts.log_level)
     try:
-        cfg = options.run_config(args, int(os.environ.get("WORLD_SIZE", "1")))
-        options.parse_prompt_changes(args.prompt_changes)
-        rt = DistributedRuntime.from_env(cfg, device=args.device)
+        cfg = options.run_config(opts, int(os.environ.get("WORLD_SIZE", "1")))
+        options.parse_prompt_changes(opts.prompt_changes)
+        rt = DistributedRuntime.from_env(cfg, device=opts.device)
+        faults = FaultPlan.from_env(rank)
     except Exception as exc:  # bad options: nothing distributed started yet
         log.error("bad run options: %s", exc)
         return EXIT_USAGE
-    setup_logging(rank, lifecycle_role(rt), args.log_level)
-    exiter = Exiter(rt, args.teardown_s)
-    try:
-        faults = FaultPlan.from_env(rank)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
-    lc = make_lifecycle(lifecycle_role(rt), rank, mesh_rank=rt.mesh_rank)
-    _track_state(lc)
-    session = FrontSession()
-    drain = threading.Event()
+    setup_logging(rank, rt.role, opts.log_level)
+    exiter = Exiter(rt, opts.teardown_s)
+    lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
+    lc.watch(_observe(faults))
+    ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults)
+    if ctx_hook is not None:
+        ctx_hook(ctx)
+    emit_event("phase", phase=lc.state, mesh_rank=rt.mesh_rank)
     done = threading.Event()
     outcome: dict[str, Any] = {}
 
     def role_thread() -> None:
         try:
-            outcome["code"] = run_role(rt, cfg, args, lc, faults, session, drain)
+            outcome["code"] = run_role(ctx)
             outcome["reason"] = "shutdown"
         except RankExit as exc:
             outcome.update(code=exc.code, reason=exc.reason, crash=exc.code != EXIT_OK or exc.poisoned)
         except BaseException as exc:  # a bug or an unexpected error: fail the rank
             log.exception("unexpected error in state %s", lc.state)
-            if not lc.is_terminal:
-                lc.fail_with(f"{type(exc).__name__}: {exc}", "local")
             outcome.update(code=EXIT_FAILED, reason=f"{type(exc).__name__}: {exc}", crash=True)
         finally:
             done.set()
@@ -160,22 +156,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if lc.state in ("serving", "draining"):
-            if drain.is_set() or drain_deadline:
-                log.warning("%s again while draining: ignored (the drain is bounded)", name)
-                return
+        verdict = lc.signal_verdict()
+        if verdict == "drain" and not drain_deadline and ctx.executor is not None:
             log.warning("%s: draining", name)
-            drain.set()
-            if rt.hosts_front and session.request_stop():
-                drain_deadline.append(time.monotonic() + session.drain_bound_s())
-            elif not rt.hosts_front:  # wait for the front's SHUTDOWN, but not past the front's own drain bound
-                bound = 2 * cfg.deadline_floor_s + 2 * cfg.heartbeat_s + cfg.watchdog_s + 5
-                drain_deadline.append(time.monotonic() + bound)
-            return
-        if lc.is_terminal:
-            return
-        log.error("%s during %s: failing this rank", name, lc.state)
-        exiter(EXIT_FAILED, f"{name} during {lc.state}", crash=True)
+            ctx.executor.post(DrainRequested(time.monotonic()))
+            deadline_s = None
+            if ctx.engine is not None:
+                try:
+                    deadline_s = ctx.engine.machine.chunk.deadline_s()
+                except RuntimeError:  # its stats changed while read from this thread
+                    deadline_s = 30.0
+            drain_deadline.append(time.monotonic() + drain_bound_s(cfg, rt.hosts_front, deadline_s))
+        elif verdict == "fail":
+            log.error("%s during %s: failing this rank", name, lc.state)
+            exiter(EXIT_FAILED, f"{name} during {lc.state}", crash=True)
+        else:
+            log.warning("%s again while %s: ignored (the drain is bounded)", name, lc.state)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -187,18 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     code = int(outcome.get("code", EXIT_FAILED))
     exiter(code, str(outcome.get("reason", "")), crash=bool(outcome.get("crash", code != EXIT_OK)))
     return code  # not reached
-
-
-def _track_state(lc: Lifecycle) -> None:
-    """Show the lifecycle state on every log line and as a progress event."""
-    original = lc._log_state
-
-    def log_state(event: Any) -> None:
-        original(event)
-        set_state(lc.state)
-        emit_event("phase", phase=lc.state)
-
-    lc._log_state = log_state  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
-"""Running one mesh rank's generator shard: the ChunkCall
-built from a TP header and its tensors, and the tensors of a WARMUP header (made from its seed,
-identically on every mesh rank)."""
+"""Running one mesh rank's generator shard: the ChunkCall built from a TP header and its tensors, and
+the tensors of a WARMUP header (made from its seed, identically on every mesh rank)."""
 
 from __future__ import annotations
 
@@ -24,20 +23,11 @@ def warmup_tensors(header: TPHeaderV1, device: torch.device) -> list[torch.Tenso
 
 
 def chunk_call(header: TPHeaderV1, tensors: Sequence[torch.Tensor]) -> ChunkCall:
+    """The pipeline's view of a call: the header's call parameters (all but the action) and its tensors."""
     named = dict(zip(header.tensor_names(), tensors, strict=True))
-    return ChunkCall(
-        call_id=header.call_id,
-        chunk_index=header.chunk_index,
-        cache_epoch=header.cache_epoch,
-        init_cache=header.init_cache,
-        reset_cache=header.reset_cache,
-        do_kv_recompute=header.do_kv_recompute,
-        timesteps=tuple(header.timesteps),
-        seed=header.seed,
-        conditioning=named[T_CONDITIONING],
-        noise=named[T_NOISE],
-        context_frames=named.get(T_CONTEXT),
-    )
+    params = {k: v for k, v in header.call_params().items() if k != "action"}
+    return ChunkCall(**params, conditioning=named[T_CONDITIONING], noise=named[T_NOISE],
+                     context_frames=named.get(T_CONTEXT))
 
 
 def run_shard(generator: Generator, header: TPHeaderV1, tensors: Sequence[torch.Tensor]) -> tuple[ChunkOutput, float]:

@@ -22,12 +22,11 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from pp1.protocol.config import RunConfig
+from pp1.protocol.config import Role, RunConfig
 from pp1.protocol.errors import LocalProtocolError
 
 log = logging.getLogger("pp1.adapters.transport.runtime")
 
-Role = Literal["front", "leader", "worker"]
 GroupName = Literal["world_cpu", "mesh_cpu", "mesh_dev", "pair_cpu", "pair_dev"]
 
 # purpose -> the only group allowed to carry it
@@ -62,7 +61,18 @@ class PeerLost(RuntimeError):
 
 
 class ChannelPoisoned(PeerLost):
-    """A bounded wait timed out: the group's pair is closed for good; crash, never touch it again."""
+    """The channel may not be touched again (an earlier wait timed out or broke mid-message)."""
+
+
+class WaitExpired(ChannelPoisoned):
+    """A bounded wait timed out: on gloo the group's pair is closed for good; crash, never touch it again."""
+
+
+def device_timeout(device: Any, timeout_s: float | None) -> float | None:
+    """The bound a wait on ``device``'s group may take: gloo (CPU) waits can be bounded; a timed-out NCCL
+    wait aborts the communicator (pp1.md §6), so device waits on GPUs are unbounded here and watched
+    from the CPU control plane instead."""
+    return timeout_s if getattr(device, "type", device) == "cpu" else None
 
 
 @dataclass
@@ -111,9 +121,8 @@ class DistributedRuntime:
         self._timeout = datetime.timedelta(seconds=DEFAULT_PG_TIMEOUT_S)
         self.is_mesh_member = rank in self.mesh_global_ranks
         self.mesh_rank: int | None = self.mesh_global_ranks.index(rank) if self.is_mesh_member else None
-        self.role: Role = "front" if rank == self.front_rank else ("leader" if rank == self.leader_rank else "worker")
-        # Pure TP: rank 0 (the leader) is the front too.
-        self.hosts_front = self.role == "front" or (self.front_rank is None and self.role == "leader")
+        self.role: Role = config.role_of(rank)  # front | leader | worker | tp_rank0 (pure TP: leader + front)
+        self.hosts_front = config.hosts_front(rank)
         self.device = self._pick_device(device)
         self.groups = Groups()
         self.initialised = False
@@ -251,7 +260,7 @@ class DistributedRuntime:
             text = str(exc)
             timed_out = "Timed out" in text or "timed out" in text
             if timed_out and poisonable:
-                raise ChannelPoisoned(purpose, f"no data within {timeout_s:.3f} s: {text[:160]}") from exc
+                raise WaitExpired(purpose, f"no data within {timeout_s:.3f} s: {text[:160]}") from exc
             raise PeerLost(purpose, text[:300]) from exc
 
     def all_gather_object(self, obj: Any, group: Any, purpose: str) -> list[Any]:

@@ -12,15 +12,14 @@ from typing import Any
 
 import torch
 
-from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.adapters.transport.runtime import DistributedRuntime, device_timeout
 from pp1.protocol.codec import HEADER_SIZE, FrameHeader, Frames, alloc_tensors, decode_header, decode_meta
-from pp1.protocol.errors import RemoteProtocolError
 from pp1.protocol.messages import Message
 from pp1.protocol.tensors import TensorSpec
 
 
 @dataclass(frozen=True)
-class Route:
+class ChannelGroups:
     """Where a channel's frames travel: the CPU group for control, the device group for tensors."""
 
     cpu_group: Any
@@ -37,7 +36,7 @@ def _left(end: float | None) -> float | None:
     return None if end is None else max(end - time.monotonic(), 0.001)
 
 
-def _send_control(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None, end: float | None) -> None:
+def _send_control(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int | None, end: float | None) -> None:
     for part in (frames.header, frames.meta):
         t = _bytes_tensor(part)
         if dst is None:
@@ -46,9 +45,9 @@ def _send_control(rt: DistributedRuntime, frames: Frames, route: Route, dst: int
             rt.send(t, dst=dst, group=route.cpu_group, purpose=route.cpu_purpose, timeout_s=_left(end))
 
 
-def _send_tensors(rt: DistributedRuntime, frames: Frames, route: Route, dst: int | None, end: float | None) -> None:
+def _send_tensors(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int | None, end: float | None) -> None:
     dev = rt.tensor_device(route.dev_group)
-    bounded = end if dev.type == "cpu" else None  # a timed-out NCCL wait aborts the communicator
+    bounded = end if device_timeout(dev, end) is not None else None  # a timed-out NCCL wait aborts the communicator
     for t in frames.tensors:
         t = t.to(dev).contiguous()
         if dst is None:
@@ -57,7 +56,7 @@ def _send_tensors(rt: DistributedRuntime, frames: Frames, route: Route, dst: int
             rt.send(t, dst=dst, group=route.dev_group, purpose=route.dev_purpose, timeout_s=_left(bounded))
 
 
-def send_p2p(rt: DistributedRuntime, frames: Frames, route: Route, dst: int, timeout_s: float | None = None) -> None:
+def send_p2p(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int, timeout_s: float | None = None) -> None:
     """Header, meta (CPU group), then tensors (device group) to ``dst``. A gloo send completes only
     once the peer posted its receive, so ``timeout_s`` bounds the whole message (poisoning after)."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
@@ -65,7 +64,7 @@ def send_p2p(rt: DistributedRuntime, frames: Frames, route: Route, dst: int, tim
     _send_tensors(rt, frames, route, dst, end)
 
 
-def send_broadcast(rt: DistributedRuntime, frames: Frames, route: Route, timeout_s: float | None = None) -> None:
+def send_broadcast(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, timeout_s: float | None = None) -> None:
     """Header, meta (CPU group), then tensors (device group) from this rank to the whole group."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
     _send_control(rt, frames, route, None, end)
@@ -82,7 +81,7 @@ def _recv_into(
 
 def recv_control(
     rt: DistributedRuntime,
-    route: Route,
+    route: ChannelGroups,
     src: int,
     p2p: bool,
     header_timeout_s: float | None,
@@ -107,7 +106,7 @@ def recv_control(
 def recv_tensors(
     rt: DistributedRuntime,
     specs: Sequence[TensorSpec],
-    route: Route,
+    route: ChannelGroups,
     src: int,
     p2p: bool,
     timeout_s: float | None,
@@ -116,12 +115,7 @@ def recv_tensors(
     only: a timed-out NCCL wait aborts the communicator, and a header already committed the peer."""
     dev = rt.tensor_device(route.dev_group)
     bufs = alloc_tensors(specs, device=dev)
-    bounded = timeout_s if dev.type == "cpu" else None
+    bounded = device_timeout(dev, timeout_s)
     for t in bufs:
         _recv_into(rt, t, src, route.dev_group, route.dev_purpose, p2p, bounded)
     return bufs
-
-
-def expect_kind(msg: Message, kind: type, where: str) -> None:
-    if not isinstance(msg, kind):
-        raise RemoteProtocolError(where, f"expected {kind.__name__}, got {type(msg).__name__}", "unexpected_kind")

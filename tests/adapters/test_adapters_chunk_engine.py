@@ -10,7 +10,7 @@ import torch
 
 from pp1.adapters.front.engine import ChunkEngine
 from pp1.adapters.rank.faults import FaultPlan, parse_faults
-from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.rank.startup import LoadedPipeline
 from pp1.adapters.roles.front import make_machine
 from pp1.adapters.roles.leader import LeaderDriver, make_relay
 from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
@@ -30,7 +30,7 @@ def _setup(faults: str = "", recompute_every: int = 1):
     rt = DistributedRuntime(cfg, rank=0, world_size=1)
     fac = factory()
     gen = fac.build_generator("tiny", 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = Loaded(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
+    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
                     stage0=fac.build_stage0("tiny", CPU, F32), generator=gen, fingerprint=gen.fingerprint())
     plan = FaultPlan(0, parse_faults(faults))
     sink = LocalSink()

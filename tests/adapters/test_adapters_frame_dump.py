@@ -18,7 +18,7 @@ from pp1.adapters.front.frame_dump import FrameDump, frames_path, latents_path
 from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.options import check_dump_dir
-from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.rank.startup import LoadedPipeline
 from pp1.adapters.roles.front import frame_dump, make_machine
 from pp1.adapters.roles.leader import LeaderDriver, make_relay
 from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
@@ -56,7 +56,7 @@ def _engine_run(source: str, overlaps: bool, dump_dir: Path):  # type: ignore[no
     rt = DistributedRuntime(cfg, rank=0, world_size=1)
     fac = reference_factory()
     gen = fac.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = Loaded(factory=fac, geometry=fac.geometry(PRESET), timesteps=tuple(fac.timesteps(PRESET)),
+    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry(PRESET), timesteps=tuple(fac.timesteps(PRESET)),
                     stage0=fac.build_stage0(PRESET, CPU, F32), generator=gen, fingerprint=gen.fingerprint())
     sink, plan = LocalSink(), FaultPlan(0)
     relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)

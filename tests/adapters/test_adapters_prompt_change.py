@@ -16,7 +16,7 @@ from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_opt
 from pp1.adapters.rank import options
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.options import PromptChange, parse_prompt_changes
-from pp1.adapters.rank.startup import Loaded
+from pp1.adapters.rank.startup import LoadedPipeline
 from pp1.adapters.roles.front import make_machine
 from pp1.adapters.roles.leader import LeaderDriver, make_relay
 from pp1.adapters.roles.main import build_parser
@@ -40,7 +40,7 @@ def _setup(context_source: str = "latents"):
     rt = DistributedRuntime(cfg, rank=0, world_size=1)
     fac = factory()
     gen = fac.build_generator("tiny", 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = Loaded(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
+    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
                     stage0=fac.build_stage0("tiny", CPU, F32), generator=gen, fingerprint=gen.fingerprint())
     sink = LocalSink()
     relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)

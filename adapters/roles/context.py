@@ -1,0 +1,42 @@
+"""The typed context every role's code takes (instead of positional arguments and an argparse namespace)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.options import JobOptions
+from pp1.adapters.rank.startup import LoadedPipeline
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.fsm.lifecycle import Lifecycle
+from pp1.protocol.config import RunConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pp1.adapters.front.engine import FrameSink, FrontEngine
+    from pp1.adapters.roles.executor import Executor
+
+
+@dataclass
+class RankContext:
+    """One rank's process: who it is (``rt``), the run (``config``, ``options``), its lifecycle machine,
+    its fault plan, what it loaded, and the executor serving now (signals and the server reach it)."""
+
+    rt: DistributedRuntime
+    config: RunConfig
+    options: JobOptions
+    lifecycle: Lifecycle
+    faults: FaultPlan
+    loaded: LoadedPipeline | None = None
+    clock: Callable[[], float] = time.monotonic
+    started_at: float = field(default_factory=time.monotonic)
+    executor: Executor | None = None  # the loop that owns the rank's channels, once serving starts
+    engine: FrontEngine | None = None  # the front's engine (front and pure-TP rank 0)
+    frame_sinks: list[FrameSink] = field(default_factory=list)  # who sees the shown chunks (the server)
+
+    @property
+    def pipeline(self) -> LoadedPipeline:
+        assert self.loaded is not None, "the load step has not run"
+        return self.loaded
