@@ -18,14 +18,14 @@ from .base import ProtocolMachine
 
 # The machines drawn in specs/diagrams/, in page order: (module, class name). A module that does
 # not exist (yet) is skipped; a listed class that is missing is an error.
-# Engineer B2 (fsm/chunk.py, fsm/kv_cache.py): add or adjust your entries in MACHINE_REGISTRY.
 MACHINE_REGISTRY: tuple[tuple[str, str], ...] = (
-    ("pp1.fsm.lifecycle", "FrontLifecycle"),
-    ("pp1.fsm.lifecycle", "LeaderLifecycle"),
-    ("pp1.fsm.lifecycle", "WorkerLifecycle"),
-    ("pp1.fsm.lifecycle", "TPRank0Lifecycle"),
-    ("pp1.fsm.leader", "LeaderRelay"),
-    ("pp1.fsm.worker", "WorkerLoop"),
+    ("pp1.fsm.lifecycle", "FrontLifecycleMachine"),
+    ("pp1.fsm.lifecycle", "LeaderLifecycleMachine"),
+    ("pp1.fsm.lifecycle", "WorkerLifecycleMachine"),
+    ("pp1.fsm.lifecycle", "TPRank0LifecycleMachine"),
+    ("pp1.fsm.leader", "LeaderRelayMachine"),
+    ("pp1.fsm.worker", "WorkerLoopMachine"),
+    ("pp1.fsm.front", "FrontMachine"),
     ("pp1.fsm.chunk", "ChunkMachine"),
     ("pp1.fsm.kv_cache", "KVCacheMachine"),
 )

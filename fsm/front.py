@@ -77,7 +77,7 @@ from .intents import (
     Show,
     WarmPair,
 )
-from .lifecycle import Lifecycle, RoleMachine
+from .lifecycle import LifecycleMachine, RoleMachine
 
 log = logging.getLogger("pp1.fsm.front")
 
@@ -138,7 +138,7 @@ class FrontMachine(RoleMachine):
         ready_timeout_s: float = 600.0,
         max_chunks: int | None = None,
         then: Then = "shutdown",
-        lifecycle: Lifecycle | None = None,
+        lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
     ) -> None:
         super().__init__(rank, lifecycle=lifecycle, **ctx)

@@ -69,7 +69,7 @@ from .intents import (
     WarmMesh,
     WarmPair,
 )
-from .lifecycle import Lifecycle, RoleMachine
+from .lifecycle import LifecycleMachine, RoleMachine
 
 log = logging.getLogger("pp1.fsm.leader")
 
@@ -186,7 +186,7 @@ class LeaderRelayMachine(RoleMachine):
         last_call_id: int | None = None,
         front_in_process: bool = False,
         warm_timeout_s: float = 60.0,
-        lifecycle: Lifecycle | None = None,
+        lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
     ) -> None:
         if mesh_size < 1:
@@ -270,8 +270,12 @@ class LeaderRelayMachine(RoleMachine):
         """Serving: wait for the next envelope (the in-process front of pure TP hands them over)."""
         if self.front_in_process or self.state != IDLE:
             return []
+        return [AwaitEnvelope(until=self.watchdog_deadline_or_none())]
+
+    def watchdog_deadline_or_none(self) -> float | None:
+        """The watchdog's deadline as a wait bound (None: no watchdog)."""
         wd = self.watchdog_deadline()
-        return [AwaitEnvelope(until=None if math.isinf(wd) else wd)]
+        return None if math.isinf(wd) else wd
 
     def _run_header(self, header: TPHeaderV1) -> list[Intent]:
         warmup = header.action is Action.WARMUP

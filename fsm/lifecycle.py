@@ -9,7 +9,7 @@ Each state binds to one adapter call (``BINDINGS`` of each class, rendered in sp
 the adapter runs it, then fires the event named in the table (or ``fail_with`` on error).
 ``warmup_done`` means: leader, it drove warmup through the mesh and sent READY; front, READY was
 received; tp_rank0, its in-process leader finished warmup; worker, the first TP header that is
-not WARMUP arrived (``WorkerLoop.serving``; fire it before handling that header).
+not WARMUP arrived (``WorkerLoopMachine.serving``; fire it before handling that header).
 ``drain`` (SIGTERM / Ctrl-C) is taken in ``serving`` only; a signal in any earlier state fails the
 rank (it is inside a collective). Mesh roles leave ``serving``/``draining`` on SHUTDOWN
 (``shutdown_received``); the front and tp_rank0 leave ``draining`` with ``drained`` after they
@@ -100,27 +100,27 @@ LEADER_BINDINGS: dict[str, str] = {
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
     WARMING_CHANNELS: "answer the front's PING on the PP pair; PING header on the mesh CPU group; "
                       "all_reduce on the mesh device group",
-    WARMUP: "LeaderRelay.start_warmup(): warmup chunks through the mesh, then SendReady",
-    SERVING: "LeaderRelay loop: receive envelope, validate, relay (TP), run shard, reply",
-    DRAINING: "LeaderRelay loop until SHUTDOWN arrives (finish the call in hand)",
+    WARMUP: "LeaderRelayMachine.start_warmup(): warmup chunks through the mesh, then SendReady",
+    SERVING: "LeaderRelayMachine loop: receive envelope, validate, relay (TP), run shard, reply",
+    DRAINING: "LeaderRelayMachine loop until SHUTDOWN arrives (finish the call in hand)",
 }
 WORKER_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "PipelineFactory.build_generator(mesh_rank r) (then loaded, ok or not)",
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
     WARMING_CHANNELS: "receive the leader's PING header (mesh CPU group); all_reduce on the mesh device group",
-    WARMUP: "WorkerLoop on WARMUP headers until the first other header",
-    SERVING: "WorkerLoop: receive TP header (timeout = watchdog), receive tensors, run shard",
-    DRAINING: "WorkerLoop until SHUTDOWN (the watchdog bounds the wait)",
+    WARMUP: "WorkerLoopMachine on WARMUP headers until the first other header",
+    SERVING: "WorkerLoopMachine: receive TP header (timeout = watchdog), receive tensors, run shard",
+    DRAINING: "WorkerLoopMachine until SHUTDOWN (the watchdog bounds the wait)",
 }
 TP_RANK0_BINDINGS: dict[str, str] = {
     **_COMMON_BINDINGS,
     LOADING: "build_stage0 and build_generator(mesh_rank 0) (then loaded, ok or not)",
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
     WARMING_CHANNELS: "PING header on the mesh CPU group; all_reduce on the mesh device group",
-    WARMUP: "LeaderRelay.start_warmup() in process; SendReady goes to the local server",
-    SERVING: "chunk engine -> in-process LeaderRelay (no PP channel)",
-    DRAINING: "stop admitting; finish in-flight chunks; SHUTDOWN through the LeaderRelay to the workers",
+    WARMUP: "LeaderRelayMachine.start_warmup() in process; SendReady goes to the local server",
+    SERVING: "chunk engine -> in-process LeaderRelayMachine (no PP channel)",
+    DRAINING: "stop admitting; finish in-flight chunks; SHUTDOWN through the LeaderRelayMachine to the workers",
 }
 
 
@@ -138,7 +138,7 @@ def drain_bound_s(config: RunConfig, hosts_front: bool, deadline_s: float | None
     return 2 * config.deadline_floor_s + 2 * config.heartbeat_s + config.watchdog_s + 5
 
 
-class Lifecycle(ProtocolMachine):
+class LifecycleMachine(ProtocolMachine):
     """Base of the per-role lifecycles. Tracks this rank's load result for the vote."""
 
     ROLE: ClassVar[str]
@@ -185,8 +185,8 @@ class Lifecycle(ProtocolMachine):
         return self.state
 
 
-class FrontLifecycle(Lifecycle):
-    """Lifecycle of the front (rank 0 under PP1): stage 0, HTTP, the PP channel to the leader."""
+class FrontLifecycleMachine(LifecycleMachine):
+    """LifecycleMachine of the front (rank 0 under PP1): stage 0, HTTP, the PP channel to the leader."""
 
     NAME = "lifecycle_front"
     ROLE = "front"
@@ -195,8 +195,8 @@ class FrontLifecycle(Lifecycle):
     BINDINGS = FRONT_BINDINGS
 
 
-class LeaderLifecycle(Lifecycle):
-    """Lifecycle of the mesh leader (mesh rank 0): relays the front's envelopes to the mesh."""
+class LeaderLifecycleMachine(LifecycleMachine):
+    """LifecycleMachine of the mesh leader (mesh rank 0): relays the front's envelopes to the mesh."""
 
     NAME = "lifecycle_leader"
     ROLE = "leader"
@@ -205,8 +205,8 @@ class LeaderLifecycle(Lifecycle):
     BINDINGS = LEADER_BINDINGS
 
 
-class WorkerLifecycle(Lifecycle):
-    """Lifecycle of a mesh worker (mesh ranks 1..M-1): loops on the TP channel."""
+class WorkerLifecycleMachine(LifecycleMachine):
+    """LifecycleMachine of a mesh worker (mesh ranks 1..M-1): loops on the TP channel."""
 
     NAME = "lifecycle_worker"
     ROLE = "worker"
@@ -215,8 +215,8 @@ class WorkerLifecycle(Lifecycle):
     BINDINGS = WORKER_BINDINGS
 
 
-class TPRank0Lifecycle(Lifecycle):
-    """Lifecycle of rank 0 under pure TP: mesh leader, front and HTTP server in one process."""
+class TPRank0LifecycleMachine(LifecycleMachine):
+    """LifecycleMachine of rank 0 under pure TP: mesh leader, front and HTTP server in one process."""
 
     NAME = "lifecycle_tp_rank0"
     ROLE = "tp_rank0"
@@ -225,15 +225,15 @@ class TPRank0Lifecycle(Lifecycle):
     BINDINGS = TP_RANK0_BINDINGS
 
 
-LIFECYCLES: dict[str, type[Lifecycle]] = {
-    "front": FrontLifecycle,
-    "leader": LeaderLifecycle,
-    "worker": WorkerLifecycle,
-    "tp_rank0": TPRank0Lifecycle,
+LIFECYCLES: dict[str, type[LifecycleMachine]] = {
+    "front": FrontLifecycleMachine,
+    "leader": LeaderLifecycleMachine,
+    "worker": WorkerLifecycleMachine,
+    "tp_rank0": TPRank0LifecycleMachine,
 }
 
 
-def make_lifecycle(role: str, rank: int, **ctx: Any) -> Lifecycle:
+def make_lifecycle(role: str, rank: int, **ctx: Any) -> LifecycleMachine:
     """The lifecycle machine of ``role`` ("front", "leader", "worker", "tp_rank0")."""
     try:
         cls = LIFECYCLES[role]
@@ -247,7 +247,7 @@ class RoleMachine(ProtocolMachine):
     rank's lifecycle: it moves the lifecycle at the protocol steps that define its phases, and fails it
     with the same cause."""
 
-    def __init__(self, rank: int, *, lifecycle: Lifecycle | None = None, **ctx: Any) -> None:
+    def __init__(self, rank: int, *, lifecycle: LifecycleMachine | None = None, **ctx: Any) -> None:
         super().__init__(rank, **ctx)
         self.lifecycle = lifecycle
 

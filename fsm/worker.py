@@ -43,7 +43,7 @@ from .intents import (
     RunShard,
     WarmMesh,
 )
-from .lifecycle import Lifecycle, RoleMachine
+from .lifecycle import LifecycleMachine, RoleMachine
 
 log = logging.getLogger("pp1.fsm.worker")
 
@@ -95,7 +95,7 @@ class WorkerLoopMachine(RoleMachine):
         heartbeat_s: float | None = None,
         *,
         warm_timeout_s: float | None = None,
-        lifecycle: Lifecycle | None = None,
+        lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
     ) -> None:
         if not (watchdog_s > 0 and math.isfinite(watchdog_s)):

@@ -38,7 +38,7 @@ import torch
 from pp1.adapters.front.report import ChunkRecord, EngineOutcome
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.observe import emit_event
-from pp1.adapters.roles.executor import Executor
+from pp1.adapters.rank.executor import Executor
 from pp1.adapters.transport.interface import FrontEnd
 from pp1.fsm.base import Event, Intent
 from pp1.fsm.events import (

@@ -24,7 +24,7 @@ from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.observe import emit_event
 from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
 from pp1.fsm.intents import EXIT_FAILED
-from pp1.fsm.lifecycle import Lifecycle
+from pp1.fsm.lifecycle import LifecycleMachine
 from pp1.pipelines.interface import Generator, PipelineFactory, Stage0
 from pp1.protocol.config import RunConfig, parity_report
 from pp1.protocol.geometry import ChunkGeometry
@@ -71,7 +71,7 @@ class Startup:
         self,
         rt: DistributedRuntime,
         config: RunConfig,
-        lifecycle: Lifecycle,
+        lifecycle: LifecycleMachine,
         faults: FaultPlan,
         pg_timeout_s: float,
         stop_requested: threading.Event | None = None,

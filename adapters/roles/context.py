@@ -11,12 +11,12 @@ from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.startup import LoadedPipeline
 from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.fsm.lifecycle import Lifecycle
+from pp1.fsm.lifecycle import LifecycleMachine
 from pp1.protocol.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from pp1.adapters.front.engine import FrameSink, FrontEngine
-    from pp1.adapters.roles.executor import Executor
+    from pp1.adapters.rank.executor import Executor
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RankContext:
     rt: DistributedRuntime
     config: RunConfig
     options: JobOptions
-    lifecycle: Lifecycle
+    lifecycle: LifecycleMachine
     faults: FaultPlan
     loaded: LoadedPipeline | None = None
     clock: Callable[[], float] = time.monotonic

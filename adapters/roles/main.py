@@ -4,7 +4,7 @@ Parses the options (the one table, ``adapters/rank/options.py``), runs the commo
 role (front, leader, worker, or pure-TP rank 0: the role comes from ``RunConfig.role_of``), and maps
 the outcome to an exit code (0 orderly shutdown, 1 failed, 3 orphan). The role runs in a thread; the
 main thread handles SIGTERM / SIGINT and bounds every exit: the lifecycle machine says what a signal
-means (``Lifecycle.signal_verdict``: drain in serving, fail before), a drain is posted to the serving
+means (``LifecycleMachine.signal_verdict``: drain in serving, fail before), a drain is posted to the serving
 executor, and its bound is the lifecycle's rule (``drain_bound_s``). Non-zero exits are crash-only
 (``os._exit``, no group is touched again); an orderly exit destroys the process groups under a bound.
 """

@@ -46,15 +46,15 @@ def control(action: Action, call_id: int) -> PPEnvelopeV1:
 
 def factories() -> dict[str, Callable[[], ProtocolMachine]]:
     """Machine NAME -> a fresh real instance, for every machine we know how to build."""
-    from pp1.fsm.leader import LeaderRelay
+    from pp1.fsm.leader import LeaderRelayMachine
     from pp1.fsm.lifecycle import LIFECYCLES
-    from pp1.fsm.worker import WorkerLoop
+    from pp1.fsm.worker import WorkerLoopMachine
 
     out: dict[str, Callable[[], ProtocolMachine]] = {
         cls.NAME: (lambda cls=cls: cls(1)) for cls in LIFECYCLES.values()
     }
-    out["leader"] = lambda: LeaderRelay(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=1)
-    out["worker"] = lambda: WorkerLoop(2, 5.0, 0.0, heartbeat_s=1.0, geometry=GEOMETRY)
+    out["leader"] = lambda: LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=1)
+    out["worker"] = lambda: WorkerLoopMachine(2, 5.0, 0.0, heartbeat_s=1.0, geometry=GEOMETRY)
     try:
         from pp1.fsm.chunk import ChunkMachine
 

@@ -13,27 +13,31 @@ from pp1.fsm.intents import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_ORPHAN,
+    AwaitEnvelope,
     Exit,
+    MakeWarmupTensors,
     RecvTensors,
     RunShard,
     SendReady,
     SendResult,
     SendTP,
+    WarmMesh,
+    WarmPair,
 )
-from pp1.fsm.leader import LeaderRelay, expected_calls, warmup_plan
+from pp1.fsm.leader import LeaderRelayMachine, expected_calls, warmup_plan
 from pp1.protocol.errors import RemoteProtocolError
 from pp1.protocol.messages import T_LATENTS_OUT, Action, ErrorCode, PPEnvelopeV1, PPResultV1
 from pp1.protocol.preflight import check_result_matches, validate_ready, validate_result, validate_tp_header
 
 
-def serving(mesh_size: int = 2, **kw: Any) -> LeaderRelay:
-    r = LeaderRelay(1, GEOMETRY, mesh_size, timesteps=TIMESTEPS, **kw)
-    assert r.start_warmup() == [SendReady(r_ready(r))]
+def serving(mesh_size: int = 2, **kw: Any) -> LeaderRelayMachine:
+    r = LeaderRelayMachine(1, GEOMETRY, mesh_size, timesteps=TIMESTEPS, **kw)
+    assert r.start_warmup() == [SendReady(r_ready(r)), AwaitEnvelope(until=r.watchdog_deadline_or_none())]
     assert r.state == "idle"
     return r
 
 
-def r_ready(r: LeaderRelay) -> Any:
+def r_ready(r: LeaderRelayMachine) -> Any:
     from pp1.protocol.messages import ReadyV1
 
     return ReadyV1(mesh_size=r.mesh_size, warmup_chunks=0, warmup_ms=(), fingerprint=r.fingerprint)
@@ -54,20 +58,21 @@ def check_answer(res: PPResultV1, env: PPEnvelopeV1) -> None:
 
 
 def test_warmup_drives_chunks_then_sends_ready() -> None:
-    r = LeaderRelay(1, GEOMETRY, 3, timesteps=TIMESTEPS, warmup_chunks=3, fingerprint="abc")
+    r = LeaderRelayMachine(1, GEOMETRY, 3, timesteps=TIMESTEPS, warmup_chunks=3, fingerprint="abc")
     intents = r.start_warmup()
     seen = []
     for i in range(3):
         assert r.state == "warming"
-        assert [type(x) for x in intents] == [SendTP, RunShard]
+        assert [type(x) for x in intents] == [MakeWarmupTensors, SendTP, RunShard]  # tensors from the seed
         h = intents[0].header
-        assert intents[1].header == h and h.action is Action.WARMUP and h.call_id == i
+        assert intents[1] == SendTP(h, with_tensors=False)  # the WARMUP header travels alone
+        assert intents[2].header == h and h.action is Action.WARMUP and h.call_id == i
         validate_tp_header(h, GEOMETRY, seen[-1].call_id if seen else None)
         seen.append(h)
         intents = r.on_shard_done(expected_calls(h), 3 * (i + 1), {"total": 10.0 + i})
     assert r.state == "idle"
-    (ready,) = intents
-    assert isinstance(ready, SendReady)
+    ready, wait = intents
+    assert isinstance(ready, SendReady) and wait == AwaitEnvelope(until=None)  # no watchdog: no bound
     validate_ready(ready.ready)
     assert (ready.ready.mesh_size, ready.ready.warmup_chunks, ready.ready.warmup_ms) == (3, 3, (10.0, 11.0, 12.0))
     assert ready.ready.fingerprint == "abc"
@@ -85,12 +90,12 @@ def test_warmup_plan_recompute_schedule_and_context() -> None:
 
 
 def test_warmup_without_workers_does_not_relay() -> None:
-    r = LeaderRelay(1, GEOMETRY, 1, timesteps=TIMESTEPS, warmup_chunks=1)
-    assert [type(x) for x in r.start_warmup()] == [RunShard]
+    r = LeaderRelayMachine(1, GEOMETRY, 1, timesteps=TIMESTEPS, warmup_chunks=1)
+    assert [type(x) for x in r.start_warmup()] == [MakeWarmupTensors, RunShard]
 
 
 def test_warmup_tripwire_fails_the_leader() -> None:
-    r = LeaderRelay(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=2)
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=2)
     r.start_warmup()
     (ex,) = r.on_shard_done(3, 3, {})
     assert isinstance(ex, Exit) and ex.code == EXIT_FAILED and "tripwire" in ex.reason
@@ -98,17 +103,57 @@ def test_warmup_tripwire_fails_the_leader() -> None:
 
 
 def test_warmup_shard_failure_fails_the_leader() -> None:
-    r = LeaderRelay(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=1)
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=1)
     r.start_warmup()
     assert r.on_shard_failed("boom") == [Exit(EXIT_FAILED, r.failure.reason)]  # type: ignore[union-attr]
     assert r.state == "failed"
 
 
 def test_envelope_before_warmup_is_invalid_event() -> None:
-    r = LeaderRelay(1, GEOMETRY, 2, timesteps=TIMESTEPS)
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS)
     with pytest.raises(InvalidEvent):
         r.on_envelope(infer(0))
     assert r.state == "init"
+
+
+def test_startup_warms_the_channels_then_warmup_then_serves() -> None:
+    """start(): the TP PING + mesh probe; the front's PING answered, then the pair probe; then warmup."""
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=1, watchdog_s=5.0, warm_timeout_s=8.0)
+    ping_tp, warm = r.start(0.0)
+    assert ping_tp.header.action is Action.PING and ping_tp.header.call_id == 0 and not ping_tp.with_tensors
+    assert warm == WarmMesh() and r.state == "channels"
+    assert r.on_mesh_warm(1.0) == [AwaitEnvelope(until=9.0)]
+    (answer,) = r.on_envelope(control(Action.PING, 0), now=2.0)
+    assert answer.result.ok and answer.result.action is Action.PING and r.last_call_id == 0
+    assert r.on_result_sent(now=2.0) == [WarmPair()]
+    make, send, run = r.on_pair_warm(3.0)
+    assert isinstance(run, RunShard) and r.state == "warming"
+    ready, wait = r.on_shard_done(4, 3, {"total": 1.0}, now=4.0)
+    assert isinstance(ready, SendReady) and wait == AwaitEnvelope(until=9.0)  # the watchdog counts from READY
+    with pytest.raises(RemoteProtocolError):  # the PING's id is taken: the front's ids start after it
+        r.validate(infer(0), GEOMETRY, r.last_call_id)
+
+
+def test_anything_but_the_ping_first_fails_the_leader() -> None:
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warm_timeout_s=8.0)
+    r.start(0.0)
+    r.on_mesh_warm(1.0)
+    (ex,) = r.on_envelope(infer(1), now=2.0)
+    assert ex.code == EXIT_FAILED and "expected the front's PING" in ex.reason and r.state == "failed"
+    r2 = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warm_timeout_s=8.0)
+    r2.start(0.0)
+    r2.on_mesh_warm(1.0)
+    (ex2,) = r2.on_timed_out(9.0)
+    assert ex2.code == EXIT_FAILED and "no PING" in ex2.reason
+
+
+def test_pure_tp_has_no_front_ping_and_no_envelope_wait() -> None:
+    r = LeaderRelayMachine(0, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=0, front_in_process=True)
+    r.start(0.0)
+    ready, = r.on_mesh_warm(1.0)
+    assert isinstance(ready, SendReady) and r.state == "idle"
+    r.on_envelope(control(Action.NOOP, 1), now=2.0)
+    assert r.on_result_sent(now=2.0) == []  # the in-process front hands the next envelope over
 
 
 # -- serving ------------------------------------------------------------------------------------
@@ -132,7 +177,7 @@ def test_infer_relayed_run_and_answered() -> None:
     assert res.tensor_names() == (T_LATENTS_OUT,)
     check_answer(res, env)
     assert r.state == "replying"
-    assert r.on_result_sent(now=2.0) == []
+    assert r.on_result_sent(now=2.0) == [AwaitEnvelope(until=None)]  # the next envelope
     assert r.state == "idle"
 
 
@@ -198,7 +243,7 @@ def test_shutdown_relayed_answered_then_exit_0() -> None:
 # -- invalid envelopes: answered ok=False, never relayed ----------------------------------------
 
 
-def _assert_rejected(r: LeaderRelay, env: PPEnvelopeV1, code: str = "") -> PPResultV1:
+def _assert_rejected(r: LeaderRelayMachine, env: PPEnvelopeV1, code: str = "") -> PPResultV1:
     before = r.last_call_id
     intents = r.on_envelope(env)
     assert not any(isinstance(i, SendTP | RunShard) for i in intents), "an invalid envelope was relayed"

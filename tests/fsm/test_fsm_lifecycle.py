@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pp1.fsm.base import InvalidEvent
-from pp1.fsm.lifecycle import LIFECYCLES, Lifecycle, make_lifecycle, role_of
+from pp1.fsm.lifecycle import LIFECYCLES, LifecycleMachine, make_lifecycle
+from pp1.protocol.config import RunConfig
 
 STARTUP_MESH = ["start", "parity_ok", "loaded", "vote_ok", "fingerprint_ok", "barrier_done", "channels_warm",
                 "warmup_done"]
@@ -45,7 +46,7 @@ def test_states_named_as_designed() -> None:
         assert set(cls.BINDINGS) == set(cls.STATES), f"{cls.NAME}: every state documents its adapter call"
 
 
-def _to(role: str, state: str) -> Lifecycle:
+def _to(role: str, state: str) -> LifecycleMachine:
     m = make_lifecycle(role, 2)
     events, _ = NORMAL_RUNS[role]
     for e in events:
@@ -118,8 +119,12 @@ def test_make_lifecycle_unknown_role() -> None:
 
 
 def test_role_of() -> None:
-    assert [role_of(r, (1, 2, 3), 0) for r in range(4)] == ["front", "leader", "worker", "worker"]
-    assert [role_of(r, (0, 1), None) for r in range(2)] == ["tp_rank0", "worker"]
-    assert role_of(2, (2, 1), 0) == "leader"  # the leader is mesh_global_ranks[0], not rank 1
+    pp1 = RunConfig(topology="pp1", world_size=4, mesh_global_ranks=(1, 2, 3))
+    assert [pp1.role_of(r) for r in range(4)] == ["front", "leader", "worker", "worker"]
+    tp = RunConfig(topology="tp", world_size=2, mesh_global_ranks=(0, 1))
+    assert [tp.role_of(r) for r in range(2)] == ["tp_rank0", "worker"]
+    assert [tp.hosts_front(r) for r in range(2)] == [True, False]
+    odd = RunConfig(topology="pp1", world_size=3, mesh_global_ranks=(2, 1))
+    assert odd.role_of(2) == "leader"  # the leader is mesh_global_ranks[0], not rank 1
     with pytest.raises(ValueError):
-        role_of(5, (1, 2), 0)
+        pp1.role_of(5)

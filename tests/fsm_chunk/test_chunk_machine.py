@@ -16,6 +16,7 @@ from pp1.fsm.chunk import (
 )
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 from pp1.protocol.messages import Action, ErrorCode, PPEnvelopeV1
+from pp1.protocol.schedule import FIRST_CALL_ID, PING_CALL_ID
 from pp1.protocol.tensors import TensorSpec
 
 # -- normal run ---------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ def test_normal_run_ids_flags_and_kv() -> None:
     for k in range(5):
         plan, d = run_chunk(m, now=float(k))
         assert d.verdict is Verdict.EMIT and m.state == "idle"
-        assert (plan.call_id, plan.chunk_index, plan.cache_epoch) == (k, k, 0)
+        assert (plan.call_id, plan.chunk_index, plan.cache_epoch) == (FIRST_CALL_ID + k, k, 0)
         assert plan.init_cache == (k == 0) and not plan.reset_cache
         assert plan.expected_generator_calls == len(TIMESTEPS) and plan.timesteps == TIMESTEPS
         assert m.is_current(d.cache_epoch)
@@ -52,8 +53,8 @@ def test_envelope_from_plan() -> None:
     plan = m.plan_next(1.0)
     specs = [TensorSpec(name="conditioning", dtype="float32", shape=(4, 8))]
     env = envelope_from_plan(plan, specs)
-    assert isinstance(env, PPEnvelopeV1) and env == plan.to_envelope(specs)
-    assert (env.action, env.call_id, env.chunk_index, env.cache_epoch) == (Action.INFER, 1, 1, 0)
+    assert isinstance(env, PPEnvelopeV1) and type(env) is PPEnvelopeV1  # the wire type, without the plan's extras
+    assert (env.action, env.call_id, env.chunk_index, env.cache_epoch) == (Action.INFER, FIRST_CALL_ID + 1, 1, 0)
     assert env.do_kv_recompute and env.expected_generator_calls == 5 and env.num_denoising_steps == 4
     assert env.tensor_names() == ("conditioning",)
 
@@ -404,10 +405,11 @@ def test_cut_not_allowed_while_stopping_or_terminal() -> None:
     assert m.request_stop() == "stopping"
 
 
-def test_first_call_id() -> None:
-    m = machine(first_call_id=7)
-    assert m.next_call_id() == 7
-    assert m.plan_next(0.0).call_id == 8
+def test_ids_start_after_the_ping() -> None:
+    """The PP channel's startup PING takes PING_CALL_ID; the machine's ids start right after it."""
+    m = machine()
+    assert m.next_call_id() == FIRST_CALL_ID == PING_CALL_ID + 1
+    assert m.plan_next(0.0).call_id == FIRST_CALL_ID + 1
 
 
 # -- the table ----------------------------------------------------------------------------------

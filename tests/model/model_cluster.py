@@ -1,7 +1,7 @@
 """An in-memory cluster of every rank's real protocol machines, for the model test.
 
 One object per rank (``Proc``) holds that rank's lifecycle machine and, once it serves, its role
-machines: the front's ``ChunkMachine``, the leader's ``LeaderRelay``, a worker's ``WorkerLoop``
+machines: the front's ``ChunkMachine``, the leader's ``LeaderRelayMachine``, a worker's ``WorkerLoopMachine``
 (pure TP: rank 0 holds the lifecycle ``tp_rank0``, the relay and the chunk machine). The transport
 is per-channel FIFO queues, like the real PP pair and TP channels. Collectives (parity, vote,
 fingerprint, barrier, warm channels) complete when every participant has joined, and fail on the
@@ -24,9 +24,9 @@ from typing import Any
 
 from pp1.fsm.chunk import ChunkMachine, ChunkPlan, Decision, Verdict, envelope_from_plan, recompute_due
 from pp1.fsm.intents import Exit, Intent, RecvTensors, RunShard, SendReady, SendResult, SendTP
-from pp1.fsm.leader import LeaderRelay, expected_calls
-from pp1.fsm.lifecycle import Lifecycle, make_lifecycle, role_of
-from pp1.fsm.worker import WorkerLoop
+from pp1.fsm.leader import LeaderRelayMachine, expected_calls
+from pp1.fsm.lifecycle import LifecycleMachine, make_lifecycle, role_of
+from pp1.fsm.worker import WorkerLoopMachine
 from pp1.protocol.config import RunConfig, parity_report
 from pp1.protocol.geometry import ChunkGeometry
 from pp1.protocol.messages import (
@@ -72,14 +72,14 @@ class Garbage:
 class Proc:
     rank: int
     role: str  # front | leader | worker | tp_rank0
-    life: Lifecycle
+    life: LifecycleMachine
     config: dict[str, Any]
     alive: bool = True
     exit_code: int | None = None
     collective: str | None = None  # the collective this rank is blocked in
     vote: int = 1
-    relay: LeaderRelay | None = None
-    worker: WorkerLoop | None = None
+    relay: LeaderRelayMachine | None = None
+    worker: WorkerLoopMachine | None = None
     chunk: ChunkMachine | None = None
     shard: TPHeaderV1 | None = None  # the call its shard runs, waiting for the mesh's collectives
 
@@ -389,10 +389,10 @@ class Cluster:
                 p.life.fire("channels_warm")
             for p in parts:  # warmup: the leader drives it; workers loop; the front waits for READY
                 if p.role == "worker":
-                    p.worker = WorkerLoop(p.rank, watchdog_s=W, now=self.now, heartbeat_s=H, geometry=GEOMETRY)
+                    p.worker = WorkerLoopMachine(p.rank, watchdog_s=W, now=self.now, heartbeat_s=H, geometry=GEOMETRY)
             for p in parts:
                 if p.role in ("leader", "tp_rank0"):
-                    p.relay = LeaderRelay(
+                    p.relay = LeaderRelayMachine(
                         p.rank, GEOMETRY, len(self.mesh), timesteps=TIMESTEPS, warmup_chunks=self.cfg.warmup_chunks,
                         recompute_every=self.cfg.recompute_every, fingerprint="fp",
                         watchdog_s=W if p.role == "leader" else None, now=self.now)

@@ -30,7 +30,7 @@ from pp1.fsm.events import BadMessage, LocalError, PeerGone, TimedOut
 from pp1.fsm.intents import Exit, describe
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 
-log = logging.getLogger("pp1.adapters.roles.executor")
+log = logging.getLogger("pp1.adapters.rank.executor")
 
 
 class Executor:
