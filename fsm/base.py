@@ -55,7 +55,11 @@ class FailureCause:
 
 @dataclass(frozen=True)
 class Intent:
-    """What a machine asks its adapter to do next (base of every intent)."""
+    """What a machine asks its adapter to do next (base of every intent). ``BETWEEN_STEPS``: the adapter
+    feeds requests from other threads (a drain, a stop, a hard cut) into the machine just before it
+    performs such an intent, and at no other time (the waits, and the explicit ``NextStep``)."""
+
+    BETWEEN_STEPS: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

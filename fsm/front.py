@@ -73,6 +73,7 @@ from .intents import (
     Idle,
     Intent,
     KeepLatents,
+    NextStep,
     SendEnvelope,
     Show,
     WarmPair,
@@ -212,9 +213,7 @@ class FrontMachine(RoleMachine):
         """The envelope was refused before its first byte (a preflight): nothing was sent."""
         if self.state == SERVING:
             self.chunk.abort_plan(reason)
-            if self.chunk.state == CHUNK_FAILED:
-                return self._fail(str(self.chunk.failure), "local")
-            return self._next_now()
+            return [NextStep()]
         if self.is_terminal:
             return []
         return self._fail(f"could not send: {reason}", "local")
@@ -259,7 +258,7 @@ class FrontMachine(RoleMachine):
             out.append(Drop(call_id=d.call_id, chunk_index=d.chunk_index, cache_epoch=d.cache_epoch,
                             recompute=recompute, sent_at=started, received_at=now,
                             why="stale: a hard cut came while it was in flight"))
-        return out + self._next(now)
+        return [*out, NextStep()]
 
     def on_decoded(self, call_id: int, now: float) -> list[Intent]:
         """The chunk asked for is decoded: show it if its epoch is still current."""
@@ -277,7 +276,7 @@ class FrontMachine(RoleMachine):
             out = [Drop(call_id=call_id, chunk_index=rec.chunk_index, cache_epoch=rec.cache_epoch,
                         recompute=rec.recompute, sent_at=rec.sent_at, received_at=rec.received_at,
                         why="stale: a hard cut came while it was decoded")]
-        return out + self._next(now)
+        return [*out, NextStep()]
 
     # -- waits that ran out, broken channels ---------------------------------------------------------
     def on_timed_out(self, now: float) -> list[Intent]:
@@ -323,6 +322,7 @@ class FrontMachine(RoleMachine):
         return []
 
     def on_wake(self, now: float) -> list[Intent]:
+        """After ``Idle`` or ``NextStep`` (requests from other threads were applied meanwhile): the next step."""
         return self._next(now)
 
     def _apply_stop(self) -> None:
@@ -331,11 +331,13 @@ class FrontMachine(RoleMachine):
             self._lifecycle_event("drain")
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _next_now(self) -> list[Intent]:
-        return self._next(self.chunk.last_activity or 0.0)
-
     def _next(self, now: float) -> list[Intent]:
         """What to do now (serving): the one place the front's loop is decided."""
+        if self._pending is not None and not self.chunk.is_current(self._pending.cache_epoch):
+            rec, self._pending = self._pending, None  # a hard cut since it arrived: never decoded
+            return [Drop(call_id=rec.call_id, chunk_index=rec.chunk_index, cache_epoch=rec.cache_epoch,
+                         recompute=rec.recompute, sent_at=rec.sent_at, received_at=rec.received_at,
+                         why="stale: a hard cut came before it was decoded"), *self._next(now)]
         c = self.chunk
         if c.state == CHUNK_FAILED:
             return self._fail(str(c.failure), c.failure.kind if c.failure else "remote")

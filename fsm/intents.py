@@ -9,6 +9,7 @@ breaks a peer's expectations ("never skip a receive").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pp1.fsm.base import Intent
 from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1, TPHeaderV1
@@ -16,7 +17,7 @@ from pp1.protocol.tensors import TensorSpec
 
 __all__ = [
     "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult",
-    "Decode", "Drop", "Exit", "Idle", "Intent", "KeepLatents", "MakeWarmupTensors", "RecvTensors", "RunShard", "SendEnvelope",
+    "Decode", "Drop", "Exit", "Idle", "Intent", "KeepLatents", "NextStep", "MakeWarmupTensors", "RecvTensors", "RunShard", "SendEnvelope",
     "SendReady", "SendResult", "SendTP", "Show", "WarmMesh", "WarmPair", "describe",
 ]
 
@@ -33,6 +34,8 @@ EXIT_ORPHAN = 3  # mesh watchdog: no header for W seconds (the leader or the fro
 class AwaitHeader(Intent):
     """Worker: wait for the next TP header, at most until ``until`` (monotonic seconds)."""
 
+    BETWEEN_STEPS: ClassVar[bool] = True
+
     until: float
 
 
@@ -41,6 +44,8 @@ class AwaitEnvelope(Intent):
     """Leader: wait for the front's next PP envelope (header + metadata), at most until ``until``
     (None: no bound of ours; pure TP, where the front is in the same process)."""
 
+    BETWEEN_STEPS: ClassVar[bool] = True
+
     until: float | None
 
 
@@ -48,12 +53,16 @@ class AwaitEnvelope(Intent):
 class AwaitResult(Intent):
     """Front: wait for the result of the envelope in flight, at most until ``until`` (its deadline)."""
 
+    BETWEEN_STEPS: ClassVar[bool] = True
+
     until: float
 
 
 @dataclass(frozen=True)
 class AwaitReady(Intent):
     """Front: wait for the leader's READY, at most until ``until``."""
+
+    BETWEEN_STEPS: ClassVar[bool] = True
 
     until: float
 
@@ -63,7 +72,17 @@ class Idle(Intent):
     """Front: nothing to send until ``until`` (the next heartbeat); wake early for a request from
     another thread (answered by ``Woke`` or the request's event)."""
 
+    BETWEEN_STEPS: ClassVar[bool] = True
+
     until: float
+
+
+@dataclass(frozen=True)
+class NextStep(Intent):
+    """Between two steps of the loop: the adapter feeds any request from another thread, then asks for
+    the next step (``Woke``)."""
+
+    BETWEEN_STEPS: ClassVar[bool] = True
 
 
 # -- tensors ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ latent frames generated so far (at most ``geometry.max_context_frames``), a stri
 call_id and the epoch. ``run_loop`` drives stage 0 and any ``ChunkCall -> ChunkOutput`` runner;
 ``mesh_runner`` is such a runner over N generator shards in threads.
 
-Context source (the front's ``RunConfig.context_source``, the rule of ``adapters/chunk_engine.py``):
+Context source (the front's ``RunConfig.context_source``, the rule of ``fsm/front.py`` + ``adapters/front/engine.py``, the same ``pp1.protocol.schedule`` rules):
 ``"latents"`` sends the window's latents as generated; ``"reencode"`` replaces the window's first
 latent frame s = p * T - n (chunk p, n context frames, T a chunk) by ``stage0.encode`` of ONE decoded
 frame, the last one latent s decoded to, unless s == 0 (the epoch's own first frame, kept). No I/O:
@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 import torch
 
 from pp1.protocol.geometry import ChunkGeometry
+from pp1.protocol.schedule import (
+    FIRST_CALL_ID,
+    keyframe_index,
+    oldest_needed_frame,
+    recompute_due,
+    reencode_frame,
+)
 
 from .contract import verify_generator_output
 from .interface import ChunkCall, ChunkOutput, Generator, PipelineFactory, Stage0
@@ -32,24 +39,17 @@ from .threaded_comm import ThreadedMesh
 Runner = Callable[[ChunkCall], ChunkOutput]
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # Stage0.encode: uint8 [F, H, W, 3] -> [C, T, h, w]
 
-FRAMES_PER_LATENT = 4  # Stage0.decode: T latent frames -> 4T video frames (4T - 3 on an epoch's first chunk)
 CONTEXT_SOURCES = ("latents", "reencode")
-
-
-def window_start(chunk_index: int, latent_frames: int, context_frames: int) -> int:
-    """s: the epoch latent frame where the recompute window of chunk ``chunk_index`` starts."""
-    return chunk_index * latent_frames - context_frames
 
 
 def chunk_keyframes(chunk_index: int, latent_frames: int, frames: torch.Tensor) -> dict[int, torch.Tensor]:
     """Epoch latent frame -> the last video frame it decoded to ([1, H, W, 3]), for chunk ``chunk_index``
-    decoded to ``frames`` (on an epoch's first chunk latent 0 decodes to one frame: frame 0)."""
-    t, f = latent_frames, int(frames.shape[0])
+    decoded to ``frames`` (``schedule.keyframe_index``)."""
     out: dict[int, torch.Tensor] = {}
-    for j in range(t):
-        idx = f - 1 - FRAMES_PER_LATENT * (t - 1 - j)
-        if idx >= 0:
-            out[chunk_index * t + j] = frames[idx : idx + 1].clone()
+    for j in range(chunk_index * latent_frames, (chunk_index + 1) * latent_frames):
+        idx = keyframe_index(j, chunk_index, latent_frames, int(frames.shape[0]))
+        if idx is not None:
+            out[j] = frames[idx : idx + 1].clone()
     return out
 
 
@@ -73,10 +73,10 @@ class ChunkSchedule:
         recompute_every: int = 1,
         context_frames: int | None = None,
         context_source: str = "latents",
-        first_call_id: int = 0,
+        first_call_id: int = FIRST_CALL_ID,
     ) -> None:
-        """``first_call_id``: the real front starts at 1 (0 is the warm-up PING) and its heartbeat
-        NOOPs take ids too; ids never change what is computed. ``context_source``: "latents" |
+        """``first_call_id``: the real front's first (after the PP channel's PING); its heartbeat NOOPs
+        take ids too; ids never change what is computed. ``context_source``: "latents" |
         "reencode" (module docstring); with "reencode", ``record`` needs the decoded frames and
         ``next_call`` an encoder."""
         if recompute_every < 0:
@@ -100,8 +100,7 @@ class ChunkSchedule:
         self._keyframes: dict[int, torch.Tensor] = {}  # epoch latent frame -> its last decoded frame (reencode)
 
     def is_recompute(self, chunk_index: int) -> bool:
-        k = self.recompute_every
-        return k > 0 and chunk_index > 0 and chunk_index % k == 0
+        return recompute_due(chunk_index, self.recompute_every)
 
     def hard_cut(self) -> None:
         """Prompt reset / error recovery: next chunk starts a new epoch from an empty cache."""
@@ -116,8 +115,8 @@ class ChunkSchedule:
         "reencode", the first of them re-encoded from its decoded frame (unless it is the epoch's first)."""
         frames = torch.cat(self._history, dim=1)
         ctx = frames[:, -self.context_frames :].contiguous()
-        s = window_start(self.chunk_index, self.geometry.latent_frames, int(ctx.shape[1]))
-        if self.context_source != "reencode" or s <= 0:
+        s = reencode_frame(self.chunk_index, self.geometry.latent_frames, int(ctx.shape[1]))
+        if self.context_source != "reencode" or s is None:
             return ctx
         if encode is None:
             raise ValueError("context_source 'reencode' needs an encoder (stage0.encode)")
@@ -163,7 +162,7 @@ class ChunkSchedule:
             if frames is None:
                 raise ValueError("context_source 'reencode': record(out, frames) needs the decoded frames")
             self._keyframes.update(chunk_keyframes(self.chunk_index, g.latent_frames, frames))
-            lowest = (self.chunk_index + 1) * g.latent_frames - g.max_context_frames  # no later window starts before
+            lowest = oldest_needed_frame(self.chunk_index, g.latent_frames, g.max_context_frames)
             for k in [k for k in self._keyframes if k < lowest]:
                 del self._keyframes[k]
         self.chunk_index += 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 
 from pp1.adapters.front.report import ChunkRecord, EngineOutcome
+from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.observe import emit_event
-from pp1.adapters.rank.executor import Executor
 from pp1.adapters.transport.interface import FrontEnd
 from pp1.fsm.base import Event, Intent
 from pp1.fsm.events import (
@@ -161,6 +162,7 @@ class FrontEngine(Executor):
         self._conditioning: dict[int, torch.Tensor] = {0: conditioning}  # epoch -> conditioning from then on
         self._received: dict[int, _Received] = {}  # call_id -> what arrived, until shown or dropped
         self._idle_reported = False
+        self._loop_thread: int | None = None
         self.ready_at: float | None = None
         self.started_at = clock()  # the rank's start, for the READY event (set by the role)
         self.exit_reason = ""
@@ -177,6 +179,10 @@ class FrontEngine(Executor):
         """Change the prompt: a hard cut with a new conditioning (thread-safe; the one way to change it).
         ``conditioning`` defaults to ``stage0.encode_prompt(prompt)``, run HERE on the caller's thread."""
         if conditioning is None:
+            if threading.get_ident() == self._loop_thread:
+                raise LocalProtocolError("engine.request_prompt", "would encode the prompt on the engine's thread "
+                                         "(stalling its heartbeats): encode it first and pass conditioning",
+                                         "encode_on_engine_thread")
             conditioning = self.stage0.encode_prompt(prompt)
         g = self.geometry
         if tuple(conditioning.shape) != tuple(g.conditioning_shape()) or dtype_name(conditioning.dtype) != g.dtype:
@@ -393,6 +399,7 @@ class FrontEngine(Executor):
 
     def run_to_end(self, now: float | None = None) -> EngineOutcome:
         """Start the machine and perform until it exits."""
+        self._loop_thread = threading.get_ident()
         ex = self.run(self.machine.start(self.clock() if now is None else now))
         self.exit_reason = ex.reason
         return self.outcome(ex.code, ex.reason)

@@ -8,8 +8,9 @@ every machine the same way.
   refused before its first byte -> ``LocalError``. The machine decides what each means.
 - An event's intents are performed before the rest of the list (depth first); ``Exit`` ends the run.
 - Requests from other threads (:meth:`post`: a drain, a stop, a hard cut) are fed in between steps
-  only, before the next intent and before the next event; they change the machine's state and the
-  next step sees it. While the machine waits in ``Idle`` the executor wakes for them.
+  only: just before an intent marked ``BETWEEN_STEPS`` (the waits, ``NextStep``). They change the
+  machine's state and the next step sees it. While the machine waits in ``Idle`` the executor wakes
+  for them; ``NextStep`` is answered by ``Woke``.
 - :meth:`step` performs one intent; an in-memory transport may raise ``WouldBlock`` before consuming
   anything, leaving the intent at the head (a test steps every rank's executor this way).
 """
@@ -26,8 +27,8 @@ from collections.abc import Callable, Iterable
 from pp1.adapters.transport.interface import WouldBlock
 from pp1.adapters.transport.runtime import PeerLost, WaitExpired
 from pp1.fsm.base import Event, Intent, ProtocolMachine
-from pp1.fsm.events import BadMessage, LocalError, PeerGone, TimedOut
-from pp1.fsm.intents import Exit, describe
+from pp1.fsm.events import BadMessage, LocalError, PeerGone, TimedOut, Woke
+from pp1.fsm.intents import Exit, NextStep, describe
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger("pp1.adapters.rank.executor")
@@ -79,7 +80,8 @@ class Executor:
 
     def step(self) -> Exit | None:
         """Perform the next intent (raises WouldBlock, consuming nothing, on an in-memory transport)."""
-        self._apply_requests()
+        if self.pending and self.pending[0].BETWEEN_STEPS:
+            self._apply_requests()
         if not self.pending:
             raise LocalProtocolError(f"{self.machine.NAME}.executor", "the machine asked for no next step "
                                      f"in state {self.machine.state}", "no_next_step")
@@ -88,7 +90,7 @@ class Executor:
             self.pending.popleft()
             return it
         try:
-            event = self.perform(it)
+            event = Woke(self.clock()) if isinstance(it, NextStep) else self.perform(it)
         except WouldBlock:
             raise
         except WaitExpired:
@@ -105,8 +107,7 @@ class Executor:
         return None
 
     def feed(self, event: Event) -> None:
-        """Feed one event (after any request posted meanwhile); its intents go first."""
-        self._apply_requests()
+        """Feed one event; its intents go first."""
         out = self.machine.handle(event)
         if out:
             log.debug("%s rank=%d %s -> %s", self.machine.NAME, self.machine.rank, type(event).__name__,

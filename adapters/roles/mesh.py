@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.executor import Executor
+from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.roles.shard import run_shard, warmup_tensors
 from pp1.adapters.transport.interface import MeshEnd
 from pp1.fsm.base import Event, Intent, ProtocolMachine

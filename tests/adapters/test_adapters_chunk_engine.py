@@ -3,56 +3,30 @@ pipeline, no torch.distributed) or a scripted link. Checks the loop's orderings,
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from pp1.adapters.front.engine import ChunkEngine
-from pp1.adapters.rank.faults import FaultPlan, parse_faults
-from pp1.adapters.rank.startup import LoadedPipeline
-from pp1.adapters.roles.front import make_machine
-from pp1.adapters.roles.leader import LeaderDriver, make_relay
-from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
-from pp1.adapters.transport.runtime import ChannelPoisoned, DistributedRuntime
-from pp1.adapters.transport.tp_channel import TPControlPlane
-from pp1.pipelines.comm import SoloCommunicator
-from pp1.protocol.config import RunConfig
+from pp1.adapters.transport.runtime import WaitExpired
 from pp1.protocol.messages import T_CONTEXT, Action, ErrorCode, PPResultV1
-from pp1.testing.standin import factory
-
-CPU, F32 = torch.device("cpu"), torch.float32
+from pp1.testing.inprocess import pure_tp_job
 
 
-def _setup(faults: str = "", recompute_every: int = 1):
-    cfg = RunConfig(topology="tp", world_size=1, mesh_global_ranks=(0,), recompute_every=recompute_every,
-                    heartbeat_s=0.2, watchdog_s=1.0, warmup_chunks=1, deadline_floor_s=5.0)
-    rt = DistributedRuntime(cfg, rank=0, world_size=1)
-    fac = factory()
-    gen = fac.build_generator("tiny", 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
-                    stage0=fac.build_stage0("tiny", CPU, F32), generator=gen, fingerprint=gen.fingerprint())
-    plan = FaultPlan(0, parse_faults(faults))
-    sink = LocalSink()
-    relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)
-    driver = LeaderDriver(rt, relay, gen, TPControlPlane(rt, loaded.geometry), sink, plan, recv_timeout_s=None)
-    assert driver.execute(relay.start_warmup()) is None and sink.ready is not None
-    return cfg, rt, loaded, plan, LocalLink(driver, sink, loaded), relay
+class SpyChannel:
+    """The front's way to the leader, logging each send and receive (and what was sent)."""
 
-
-class SpyLink:
     def __init__(self, inner, log: list, overlaps: bool = True) -> None:
-        self.inner, self.log, self.sent = inner, log, []
+        self.inner, self.log, self.sent, self.received = inner, log, [], []
         self.overlaps = overlaps  # as the PP channel (True) or pure TP's in-process leader (False)
 
-    def send(self, env, tensors, preflight=True, timeout_s=None):
-        self.inner.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
+    def send_envelope(self, env, tensors, timeout_s=None, preflight=True):
+        self.inner.send_envelope(env, tensors, timeout_s=timeout_s, preflight=preflight)
         self.sent.append((env, list(tensors)))
         self.log.append(f"send {env.action.value} {env.chunk_index}")
 
-    def recv(self, deadline_at):
-        res, tensors = self.inner.recv(deadline_at)
+    def recv_result(self, until):
+        res, tensors = self.inner.recv_result(until)
         self.log.append(f"recv {res.action.value} {res.chunk_index}")
+        self.received.append(tensors[0] if tensors else None)
         return res, tensors
 
 
@@ -70,18 +44,22 @@ class SpyStage0:
 
 def _engine(faults: str = "", chunks: int = 4, log: list | None = None, recompute_every: int = 1,
             overlaps: bool = True):
-    cfg, rt, loaded, plan, link, relay = _setup(faults, recompute_every)
     log = [] if log is None else log
-    spy = SpyLink(link, log, overlaps)
-    eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), spy, SpyStage0(loaded.stage0, log),
-                      loaded.geometry, faults=plan, max_chunks=chunks)
-    return eng, spy, relay
+    spies: list[SpyChannel] = []
+
+    def spy(inner):
+        spies.append(SpyChannel(inner, log, overlaps))
+        return spies[0]
+
+    job = pure_tp_job(faults=faults, chunks=chunks, recompute_every=recompute_every, channel=spy,
+                      stage0=lambda st: SpyStage0(st, log))
+    return job.engine, spies[0], job.relay
 
 
 def test_runs_chunks_with_the_recompute_schedule_then_shuts_down() -> None:
     eng, spy, relay = _engine(chunks=4)
-    out = eng.run()
-    assert out.ok and out.state == "stopped"
+    out = eng.run_to_end()
+    assert out.ok and out.state == "ended"
     assert [r.chunk_index for r in out.records] == [0, 1, 2, 3]
     assert [r.recompute for r in out.records] == [False, True, True, True]
     assert [r.frames for r in out.records] == [9, 12, 12, 12]
@@ -91,7 +69,7 @@ def test_runs_chunks_with_the_recompute_schedule_then_shuts_down() -> None:
 def test_overlap_submits_the_next_chunk_before_decoding_the_last() -> None:
     log: list[str] = []
     eng, _, _ = _engine(chunks=3, log=log)
-    assert eng.run().ok
+    assert eng.run_to_end().ok
     infer = [x for x in log if "noop" not in x]
     assert infer == ["send infer 0", "recv infer 0", "send infer 1", "decode", "recv infer 1", "send infer 2",
                      "decode", "recv infer 2", "send shutdown 0", "decode", "recv shutdown 0"]
@@ -101,7 +79,7 @@ def test_serial_link_shows_each_chunk_before_computing_the_next() -> None:
     """Pure TP: send runs the whole call, so decoding k after sending k+1 would only delay k."""
     log: list[str] = []
     eng, _, _ = _engine(chunks=3, log=log, overlaps=False)
-    assert eng.run().ok
+    assert eng.run_to_end().ok
     infer = [x for x in log if "noop" not in x]
     assert infer == ["send infer 0", "recv infer 0", "decode", "send infer 1", "recv infer 1", "decode",
                      "send infer 2", "recv infer 2", "decode", "send shutdown 0", "recv shutdown 0"]
@@ -109,16 +87,8 @@ def test_serial_link_shows_each_chunk_before_computing_the_next() -> None:
 
 def test_context_frames_are_the_previous_latents() -> None:
     eng, spy, _ = _engine(chunks=3)
-    results: list[torch.Tensor] = []
-    orig = spy.recv
-
-    def recv(deadline_at):
-        res, tensors = orig(deadline_at)
-        results.append(tensors[0] if tensors else None)
-        return res, tensors
-
-    spy.recv = recv
-    assert eng.run().ok
+    assert eng.run_to_end().ok
+    results = spy.received
     env2, tensors2 = next((e, t) for e, t in spy.sent if e.action is Action.INFER and e.chunk_index == 2)
     ctx = tensors2[list(env2.tensor_names()).index(T_CONTEXT)]
     assert ctx.shape[1] == 6  # two chunks of 3 latent frames, the window
@@ -127,7 +97,7 @@ def test_context_frames_are_the_previous_latents() -> None:
 
 def test_invalid_envelope_is_answered_not_relayed_and_retried() -> None:
     eng, spy, relay = _engine("rank=0,at=chunk:1,do=corrupt_envelope", chunks=4)
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok and out.stats["retries"] == 1
     assert [(r.cache_epoch, r.chunk_index) for r in out.records] == [(0, 0), (1, 0), (1, 1), (1, 2)]
 
@@ -135,7 +105,7 @@ def test_invalid_envelope_is_answered_not_relayed_and_retried() -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic warns about the NaN seed we planted
 def test_unserialisable_and_bad_dtype_are_refused_before_sending() -> None:
     eng, spy, relay = _engine("rank=0,at=chunk:1,do=unserialisable;rank=0,at=chunk:2,do=bad_dtype", chunks=4)
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok and out.stats["retries"] == 0
     assert [r.chunk_index for r in out.records] == [0, 1, 2, 3]
     ids = [e.call_id for e, _ in spy.sent]
@@ -143,7 +113,7 @@ def test_unserialisable_and_bad_dtype_are_refused_before_sending() -> None:
     assert max(ids) - min(ids) + 1 == len(ids) + 2  # two call_ids were burned, nothing of them sent
 
 
-class ScriptedLink:
+class ScriptedChannel:
     """Answers every envelope from a script: a PPResultV1 factory, or an exception to raise."""
 
     overlaps = True
@@ -151,12 +121,12 @@ class ScriptedLink:
     def __init__(self, script) -> None:
         self.script, self.sent, self.pending = script, [], None
 
-    def send(self, env, tensors, preflight=True, timeout_s=None):
+    def send_envelope(self, env, tensors, timeout_s=None, preflight=True):
         self.sent.append(env)
         self.pending = env
 
-    def recv(self, deadline_at):
-        assert deadline_at is not None  # every wait on the front has a deadline
+    def recv_result(self, until):
+        assert until is not None  # every wait on the front has a deadline
         env, self.pending = self.pending, None
         answer = self.script(env)
         if isinstance(answer, BaseException):
@@ -164,18 +134,15 @@ class ScriptedLink:
         return answer, []
 
 
-def _scripted(script, chunks: int = 3):
-    cfg, rt, loaded, plan, _, _ = _setup()
-    link = ScriptedLink(script)
-    eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), link, loaded.stage0, loaded.geometry,
-                      max_chunks=chunks)
-    return eng, link
+def _scripted(script, chunks: int = 3, **config):
+    scripted = ScriptedChannel(script)
+    job = pure_tp_job(chunks=chunks, channel=lambda _inner: scripted, **config)
+    return job.engine, scripted
 
 
 def test_missed_deadline_poisons_and_sends_nothing_more() -> None:
-    eng, link = _scripted(lambda env: ChannelPoisoned("pp_header", "no data within 0.1 s"))
-    eng.m.deadline_floor_s = 0.0  # due at once
-    out = eng.run()
+    eng, link = _scripted(lambda env: WaitExpired("pp_header", "no data within 0.1 s"))
+    out = eng.run_to_end()
     assert not out.ok and out.poisoned and len(link.sent) == 1  # no farewell on a poisoned channel
 
 
@@ -185,6 +152,6 @@ def test_mesh_failed_result_fails_and_says_farewell() -> None:
                           call_id=env.call_id, chunk_index=env.chunk_index, cache_epoch=env.cache_epoch)
 
     eng, link = _scripted(script)
-    out = eng.run()
+    out = eng.run_to_end()
     assert not out.ok and not out.poisoned and "mesh_failed" in out.reason
     assert [e.action for e in link.sent] == [Action.INFER, Action.SHUTDOWN]

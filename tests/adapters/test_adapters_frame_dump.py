@@ -6,72 +6,58 @@ overlapping link (PP1 ordering) and a serial one (pure TP); the dump holds the f
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pp1.adapters.front.engine import ChunkEngine
+from pp1.adapters.front.engine import FrameBatch
 from pp1.adapters.front.frame_dump import FrameDump, frames_path, latents_path
 from pp1.adapters.launch import launcher
 from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
-from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.options import check_dump_dir
-from pp1.adapters.rank.startup import LoadedPipeline
-from pp1.adapters.roles.front import frame_dump, make_machine
-from pp1.adapters.roles.leader import LeaderDriver, make_relay
-from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
-from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.local_loop import ChunkSchedule, run_loop
 from pp1.pipelines.reference import factory as reference_factory
-from pp1.protocol.config import RunConfig
 from pp1.protocol.messages import T_CONDITIONING, T_CONTEXT, T_NOISE, Action
+from pp1.testing.inprocess import pure_tp_job
 
 CPU, F32 = torch.device("cpu"), torch.float32
 PRESET, SEED, CHUNKS, PROMPT = "micro", 9, 5, "a lighthouse at night"
 
 
 class Recorder:
-    """The engine's link, recording every INFER envelope and its tensors by name."""
+    """The engine's way to the leader, recording every INFER envelope and its tensors by name."""
 
     def __init__(self, inner, overlaps: bool) -> None:  # type: ignore[no-untyped-def]
         self.inner, self.overlaps, self.sent = inner, overlaps, []
 
-    def send(self, env, tensors, preflight=True, timeout_s=None):  # type: ignore[no-untyped-def]
+    def send_envelope(self, env, tensors, timeout_s=None, preflight=True):  # type: ignore[no-untyped-def]
         if env.action is Action.INFER:
             self.sent.append((env, dict(zip(env.tensor_names(), [t.clone() for t in tensors], strict=True))))
-        self.inner.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
+        self.inner.send_envelope(env, tensors, timeout_s=timeout_s, preflight=preflight)
 
-    def recv(self, deadline_at):  # type: ignore[no-untyped-def]
-        return self.inner.recv(deadline_at)
+    def recv_result(self, until):  # type: ignore[no-untyped-def]
+        return self.inner.recv_result(until)
 
 
 def _engine_run(source: str, overlaps: bool, dump_dir: Path):  # type: ignore[no-untyped-def]
-    cfg = RunConfig(topology="tp", world_size=1, mesh_global_ranks=(0,), preset=PRESET,
-                    pipeline="pp1.pipelines.reference:factory", recompute_every=1, seed=SEED, context_source=source,
-                    heartbeat_s=5.0, watchdog_s=20.0, warmup_chunks=1, deadline_floor_s=30.0)
-    rt = DistributedRuntime(cfg, rank=0, world_size=1)
-    fac = reference_factory()
-    gen = fac.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry(PRESET), timesteps=tuple(fac.timesteps(PRESET)),
-                    stage0=fac.build_stage0(PRESET, CPU, F32), generator=gen, fingerprint=gen.fingerprint())
-    sink, plan = LocalSink(), FaultPlan(0)
-    relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)
-    driver = LeaderDriver(rt, relay, gen, TPControlPlane(rt, loaded.geometry), sink, plan, recv_timeout_s=None)
-    assert driver.execute(relay.start_warmup()) is None
-    rec = Recorder(LocalLink(driver, sink, loaded), overlaps)
-    link, dump = frame_dump(argparse.Namespace(dump_frames=str(dump_dir)), rec)
-    assert dump is not None and link.overlaps is overlaps
-    eng = ChunkEngine(make_machine(rt, loaded, cfg, first_call_id=1), link, loaded.stage0, loaded.geometry,
-                      prompt=PROMPT, conditioning=loaded.stage0.encode_prompt(PROMPT), faults=plan,
-                      max_chunks=CHUNKS, on_frames=dump.on_frames)
-    out = eng.run()
+    recorders: list[Recorder] = []
+
+    def record(inner):  # type: ignore[no-untyped-def]
+        recorders.append(Recorder(inner, overlaps))
+        return recorders[0]
+
+    job = pure_tp_job(pipeline="pp1.pipelines.reference:factory", preset=PRESET, chunks=CHUNKS, prompt=PROMPT,
+                      channel=record, recompute_every=1, seed=SEED, context_source=source, heartbeat_s=5.0,
+                      watchdog_s=20.0, warmup_chunks=1, deadline_floor_s=30.0)
+    assert job.machine.overlap is overlaps
+    dump = FrameDump(str(dump_dir))
+    job.engine.add_sink(dump.on_frames)
+    out = job.run()
     dump.close()
     assert out.ok and not dump.errors, out.reason
-    return out, rec.sent
+    return out, recorders[0].sent
 
 
 def _loop(source: str):  # type: ignore[no-untyped-def]
@@ -79,7 +65,7 @@ def _loop(source: str):  # type: ignore[no-untyped-def]
     stage0 = fac.build_stage0(PRESET, CPU, F32)
     gen = fac.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, F32)
     sched = ChunkSchedule(stage0.geometry, fac.timesteps(PRESET), seed=SEED, recompute_every=1,
-                          context_source=source, first_call_id=1)
+                          context_source=source)
     return run_loop(stage0, gen.run, sched, PROMPT, CHUNKS), sched
 
 
@@ -163,6 +149,6 @@ def test_a_failing_write_is_reported_not_raised(tmp_path: Path) -> None:
 
     dump = FrameDump(str(tmp_path), save=boom)
     rec = argparse.Namespace(call_id=3, cache_epoch=0, chunk_index=0)
-    dump.on_frames(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), rec)
+    dump.on_frames(FrameBatch(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), rec, torch.zeros(1)))  # type: ignore[arg-type]
     dump.close()
-    assert dump.saved == 0 and "disk full" in dump.errors[0]
+    assert dump.saved == 0 and "disk full" in dump.errors[0] and len(dump.errors) == 2  # frames and latents

@@ -5,67 +5,46 @@ mesh. Checks orderings and tensors, not speeds."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
-from pp1.adapters.front.engine import ChunkEngine, summarise
+from pp1.adapters.front.engine import FrontEngine
 from pp1.adapters.front.prompt_script import PromptScript
+from pp1.adapters.front.report import summarise
 from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
 from pp1.adapters.rank import options
-from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.options import PromptChange, parse_prompt_changes
-from pp1.adapters.rank.startup import LoadedPipeline
-from pp1.adapters.roles.front import make_machine
-from pp1.adapters.roles.leader import LeaderDriver, make_relay
 from pp1.adapters.roles.main import build_parser
-from pp1.adapters.roles.tp_rank0 import LocalLink, LocalSink
-from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.adapters.transport.tp_channel import TPControlPlane
 from pp1.fsm.chunk import ChunkMachine
-from pp1.pipelines.comm import SoloCommunicator
+from pp1.fsm.front import FrontMachine
 from pp1.protocol.config import RunConfig
 from pp1.protocol.errors import LocalProtocolError
 from pp1.protocol.messages import T_CONTEXT, Action, PPResultV1
+from pp1.testing.inprocess import pure_tp_job
 from pp1.testing.standin import factory
 
-CPU, F32 = torch.device("cpu"), torch.float32
 FOX = "a red fox in the snow"
 
 
-def _setup(context_source: str = "latents"):
-    cfg = RunConfig(topology="tp", world_size=1, mesh_global_ranks=(0,), recompute_every=1, heartbeat_s=0.2,
-                    watchdog_s=1.0, warmup_chunks=1, deadline_floor_s=5.0, context_source=context_source)
-    rt = DistributedRuntime(cfg, rank=0, world_size=1)
-    fac = factory()
-    gen = fac.build_generator("tiny", 0, 1, SoloCommunicator(), CPU, F32)
-    loaded = LoadedPipeline(factory=fac, geometry=fac.geometry("tiny"), timesteps=fac.timesteps("tiny"),
-                    stage0=fac.build_stage0("tiny", CPU, F32), generator=gen, fingerprint=gen.fingerprint())
-    sink = LocalSink()
-    relay = make_relay(rt, loaded, cfg, watchdog=False, clock=time.monotonic)
-    driver = LeaderDriver(rt, relay, gen, TPControlPlane(rt, loaded.geometry), sink, FaultPlan(0), recv_timeout_s=None)
-    assert driver.execute(relay.start_warmup()) is None and sink.ready is not None
-    return cfg, rt, loaded, LocalLink(driver, sink, loaded)
-
-
-class HookLink:
-    """Wraps a link: records what was sent and calls test hooks after a send / before a result returns."""
+class HookChannel:
+    """Wraps the front's way to the leader: records what was sent and calls test hooks after a send /
+    before a result returns."""
 
     def __init__(self, inner, log: list, overlaps: bool = True) -> None:
         self.inner, self.log, self.overlaps, self.sent = inner, log, overlaps, []
         self.on_send = self.on_recv = None
 
-    def send(self, env, tensors, preflight=True, timeout_s=None):
-        self.inner.send(env, tensors, preflight=preflight, timeout_s=timeout_s)
+    def send_envelope(self, env, tensors, timeout_s=None, preflight=True):
+        self.inner.send_envelope(env, tensors, timeout_s=timeout_s, preflight=preflight)
         self.sent.append((env, list(tensors)))
         if env.action is Action.INFER:
             self.log.append(f"send {env.cache_epoch}:{env.chunk_index}")
         if self.on_send:
             self.on_send(env)
 
-    def recv(self, deadline_at):
-        res, tensors = self.inner.recv(deadline_at)
+    def recv_result(self, until):
+        res, tensors = self.inner.recv_result(until)
         if self.on_recv:
             self.on_recv(res)
         return res, tensors
@@ -97,22 +76,37 @@ class SpyStage0:
 
 
 def _engine(context_source: str = "latents", chunks: int = 4, overlaps: bool = True, on_frames=None,
-            link=None, machine: ChunkMachine | None = None, geometry=None):
-    cfg, rt, loaded, local = _setup(context_source)
+            channel=None, window: int | None = None):
     log: list[str] = []
-    hl = HookLink(link or local, log, overlaps)
-    spy = SpyStage0(loaded.stage0, log)
+    hooks: list[HookChannel] = []
+    spies: list[SpyStage0] = []
+
+    def hook(inner):
+        hooks.append(HookChannel(channel or inner, log, overlaps))
+        return hooks[0]
+
+    def spy(st):
+        spies.append(SpyStage0(st, log))
+        return spies[0]
+
+    job = pure_tp_job(chunks=chunks, context_source=context_source, channel=hook, stage0=spy)
+    eng = job.engine
+    if window is not None:  # the same job with a narrower attention window
+        geo = job.engine.geometry.model_copy(update={"max_context_frames": window})
+        chunk = ChunkMachine(0, chunk_frames=geo.latent_frames, window=window, timesteps=job.relay.timesteps,
+                             recompute_every=1, context_source=context_source)
+        machine = FrontMachine(0, chunk=chunk, geometry=geo, overlap=overlaps, ping=False, max_chunks=chunks)
+        eng = FrontEngine(machine, hooks[0], spies[0], geo, conditioning=spies[0].inner.encode_prompt(
+            "a calm sea at dawn"))
     shown: list[tuple[int, int]] = []
 
-    def frames_cb(frames, rec):
-        shown.append((rec.cache_epoch, rec.chunk_index))
+    def frames_cb(batch) -> None:
+        shown.append((batch.record.cache_epoch, batch.record.chunk_index))
         if on_frames is not None:
-            on_frames(frames, rec)
+            on_frames(batch.frames, batch.record)
 
-    eng = ChunkEngine(machine or make_machine(rt, loaded, cfg, first_call_id=1), hl, spy, geometry or loaded.geometry,
-                      conditioning=loaded.stage0.encode_prompt("a calm sea at dawn"), max_chunks=chunks,
-                      on_frames=frames_cb)
-    return eng, hl, spy, shown
+    eng.add_sink(frames_cb)
+    return eng, hooks[0], spies[0], shown
 
 
 def _in_thread(fn) -> int:
@@ -129,11 +123,11 @@ def _in_thread(fn) -> int:
     return box["ident"]
 
 
-def _infers(link: HookLink) -> list:
+def _infers(link: HookChannel) -> list:
     return [(e, t) for e, t in link.sent if e.action is Action.INFER]
 
 
-def _assert_new_epoch(link: HookLink, index: int, conditioning: torch.Tensor) -> None:
+def _assert_new_epoch(link: HookChannel, index: int, conditioning: torch.Tensor) -> None:
     env, tensors = _infers(link)[index]
     assert (env.cache_epoch, env.chunk_index, env.init_cache, env.reset_cache, env.do_kv_recompute) == (
         1, 0, True, True, False)
@@ -156,7 +150,7 @@ def test_prompt_change_with_a_chunk_in_flight_drops_its_result_and_starts_a_new_
             caller.append(_in_thread(lambda: eng.request_prompt(FOX)))
 
     link.on_send = on_send
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok
     assert shown == [(0, 0), (0, 1), (1, 0), (1, 1)]  # never (0, 2): the epoch fence
     assert [(r.cache_epoch, r.chunk_index, r.shown, r.frames) for r in out.records if not r.shown] == [(0, 2, False, 0)]
@@ -177,11 +171,11 @@ def test_prompt_change_while_idle_cuts_without_a_stale_result() -> None:
 
     def on_frames(frames, rec) -> None:
         if (rec.cache_epoch, rec.chunk_index) == (0, 1):
-            states.append(eng.m.state)
+            states.append(eng.machine.chunk.state)
             _in_thread(lambda: eng.request_prompt(FOX))
 
     eng, link, spy, shown = _engine(chunks=4, overlaps=False, on_frames=on_frames)
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok and states == ["idle"]
     assert shown == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r.shown for r in out.records) and out.stats["discarded_stale"] == 0
@@ -198,7 +192,7 @@ def test_prompt_change_while_a_result_arrives_is_never_decoded() -> None:
             _in_thread(lambda: eng.request_prompt(FOX))
 
     link.on_recv = on_recv
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok
     assert shown == [(0, 0), (1, 0), (1, 1)]
     assert [(r.cache_epoch, r.chunk_index) for r in out.records if not r.shown] == [(0, 1)]
@@ -217,8 +211,8 @@ def test_request_prompt_refuses_to_encode_on_the_engine_thread_and_checks_the_sh
             errors.append(exc)
 
     eng, link, spy, shown = _engine(chunks=2, on_frames=on_frames)
-    assert eng.run().ok and len(errors) == 2 and errors[0].code == "encode_on_engine_thread"
-    assert spy.prompt_threads == [] and eng.m.cache_epoch == 0
+    assert eng.run_to_end().ok and len(errors) == 2 and errors[0].code == "encode_on_engine_thread"
+    assert spy.prompt_threads == [] and eng.machine.chunk.cache_epoch == 0
     with pytest.raises(LocalProtocolError) as exc:
         eng.request_prompt(FOX, conditioning=torch.zeros(2, 2))
     assert exc.value.code == "bad_conditioning"
@@ -229,7 +223,7 @@ def test_prompt_script_changes_after_n_shown_chunks_with_conditioning_encoded_up
     script = PromptScript(parse_prompt_changes(["3:" + FOX, "1:a grey wolf"], chunks=5)).encode(spy)
     before_run = list(spy.prompt_threads)
     script.attach(eng)
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok and spy.prompt_threads == before_run  # nothing encoded once the engine ran
     epochs = [e for e, _ in shown]
     assert epochs[0] == 0 and epochs[1] == 1 and epochs[3:] == [2, 2] and len(shown) == 5
@@ -245,7 +239,7 @@ def _context(env, tensors) -> torch.Tensor:
 
 def test_reencode_context_replaces_the_window_s_first_latent_frame_by_its_decoded_frame() -> None:
     eng, link, spy, shown = _engine("reencode", chunks=5)
-    out = eng.run()
+    out = eng.run_to_end()
     assert out.ok and out.stats["reencoded"] == 2
     lat = [latents for latents, _ in spy.decoded]  # chunk p's latents and frames, in order
     frames = [f for _, f in spy.decoded]
@@ -273,10 +267,10 @@ class FakeMesh:
     def __init__(self, geometry) -> None:
         self.geometry, self.env = geometry, None
 
-    def send(self, env, tensors, preflight=True, timeout_s=None):
+    def send_envelope(self, env, tensors, timeout_s=None, preflight=True):
         self.env = env
 
-    def recv(self, deadline_at):
+    def recv_result(self, until):
         env, self.env = self.env, None
         res = PPResultV1(action=env.action, ok=True, call_id=env.call_id, chunk_index=env.chunk_index,
                          cache_epoch=env.cache_epoch, observed_generator_calls=env.expected_generator_calls)
@@ -287,12 +281,9 @@ class FakeMesh:
 
 
 def test_reencode_with_a_one_chunk_window_decodes_chunk_k_before_sending_k_plus_1() -> None:
-    cfg, rt, loaded, _ = _setup("reencode")
-    geo = loaded.geometry.model_copy(update={"max_context_frames": loaded.geometry.latent_frames})
-    machine = ChunkMachine(0, chunk_frames=geo.latent_frames, window=geo.max_context_frames,
-                           timesteps=loaded.timesteps, recompute_every=1, context_source="reencode", first_call_id=1)
-    eng, link, spy, shown = _engine("reencode", chunks=4, link=FakeMesh(geo), machine=machine, geometry=geo)
-    out = eng.run()
+    geo = factory().geometry("tiny")
+    eng, link, spy, shown = _engine("reencode", chunks=4, channel=FakeMesh(geo), window=geo.latent_frames)
+    out = eng.run_to_end()
     assert out.ok and out.stats["reencoded"] == 2
     # chunk 1's window is chunk 0 (starts at frame 0: kept, overlap as usual); chunks 2, 3 need chunk 1, 2 decoded
     assert link.log == ["send 0:0", "send 0:1", "decode", "decode", "send 0:2", "decode", "send 0:3", "decode"]

@@ -31,7 +31,7 @@ def test_roles_under_pp1() -> None:
 def test_roles_under_pure_tp() -> None:
     cfg = RunConfig(topology="tp", world_size=2, mesh_global_ranks=(0, 1))
     r0, r1 = (DistributedRuntime(cfg, rank=r, world_size=2) for r in range(2))
-    assert (r0.role, r0.hosts_front, r0.mesh_rank, r0.pair_ranks) == ("leader", True, 0, None)
+    assert (r0.role, r0.hosts_front, r0.mesh_rank, r0.pair_ranks) == ("tp_rank0", True, 0, None)  # leader + front
     assert (r1.role, r1.mesh_rank) == ("worker", 1)
 
 

@@ -59,7 +59,7 @@ def reference_loop(context_source: str) -> tuple[LoopResult, ChunkSchedule]:
     stage0 = factory.build_stage0(PRESET, cpu, torch.float32)
     gen = factory.build_generator(PRESET, 0, 1, SoloCommunicator(), cpu, torch.float32)
     sched = ChunkSchedule(stage0.geometry, factory.timesteps(PRESET), seed=SEED, recompute_every=1,
-                          context_source=context_source, first_call_id=1)
+                          context_source=context_source)
     return run_loop(stage0, gen.run, sched, PROMPT, CHUNKS), sched
 
 

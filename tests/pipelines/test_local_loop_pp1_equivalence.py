@@ -10,6 +10,7 @@ from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.interface import ChunkOutput
 from pp1.pipelines.local_loop import ChunkSchedule, build_mesh, copy_call, mesh_runner, run_loop
 from pp1.pipelines.threaded_comm import ThreadedMesh
+from pp1.protocol.schedule import FIRST_CALL_ID
 
 PRESET = "micro"
 PROMPT = "a paper boat on a rainy street"
@@ -27,7 +28,7 @@ def test_schedule_flags_ids_and_context(stage0, factory) -> None:  # type: ignor
         for i in range(5):
             call = s.next_call(torch.zeros(geo.conditioning_shape()), torch.zeros(geo.noise_shape()))
             got.append(int(call.do_kv_recompute))
-            assert call.init_cache == (i == 0) and call.call_id == i and call.chunk_index == i
+            assert call.init_cache == (i == 0) and call.call_id == FIRST_CALL_ID + i and call.chunk_index == i
             assert (call.context_frames is not None) == call.do_kv_recompute
             s.record(_fake_output(geo, value=i))
         assert got == expected
@@ -44,7 +45,7 @@ def test_schedule_flags_ids_and_context(stage0, factory) -> None:  # type: ignor
     s.hard_cut()
     call = s.next_call(torch.zeros(geo.conditioning_shape()), torch.zeros(geo.noise_shape()))
     assert (call.init_cache, call.reset_cache, call.do_kv_recompute) == (True, True, False)
-    assert (call.cache_epoch, call.chunk_index, call.call_id) == (1, 0, 3)
+    assert (call.cache_epoch, call.chunk_index, call.call_id) == (1, 0, FIRST_CALL_ID + 3)
     with pytest.raises(ValueError):
         ChunkSchedule(geo, (1000,), context_frames=7)
 
