@@ -8,7 +8,7 @@ out, a broken channel) and requests from outside the loop (a signal, a stop, a h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pp1.fsm.base import Event
 from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1, TPHeaderV1
@@ -168,3 +168,49 @@ class CutRequested(Event):
     HANDLER: ClassVar[str] = "on_cut_requested"
     reason: str
     now: float
+
+
+# -- startup -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorldReady(Event):
+    HANDLER: ClassVar[str] = "on_world_ready"
+
+
+@dataclass(frozen=True)
+class ConfigsGathered(Event):
+    HANDLER: ClassVar[str] = "on_configs"
+    configs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class GroupsReady(Event):
+    HANDLER: ClassVar[str] = "on_groups_ready"
+
+
+@dataclass(frozen=True)
+class LoadDone(Event):
+    HANDLER: ClassVar[str] = "on_load_done"
+    ok: bool
+    reason: str = ""
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class VoteCounted(Event):
+    HANDLER: ClassVar[str] = "on_vote_counted"
+    min_vote: int
+    causes: list[str | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FingerprintsGathered(Event):
+    HANDLER: ClassVar[str] = "on_fingerprints"
+    fingerprints: list[str]
+
+
+@dataclass(frozen=True)
+class BarrierPassed(Event):
+    HANDLER: ClassVar[str] = "on_barrier"
+    min_verdict: int

@@ -9,14 +9,15 @@ breaks a peer's expectations ("never skip a receive").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pp1.fsm.base import Intent
 from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1, TPHeaderV1
 from pp1.protocol.tensors import TensorSpec
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult",
+    "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult", "Barrier", "GatherConfigs", "GatherFingerprints",
+    "InitGroups", "InitWorld", "Load", "Vote",
     "Decode", "Drop", "Exit", "Idle", "Intent", "KeepLatents", "NextStep", "MakeWarmupTensors", "RecvTensors", "RunShard", "SendEnvelope",
     "SendReady", "SendResult", "SendTP", "Show", "WarmMesh", "WarmPair", "describe",
 ]
@@ -83,6 +84,59 @@ class NextStep(Intent):
     the next step (``Woke``)."""
 
     BETWEEN_STEPS: ClassVar[bool] = True
+
+
+# -- startup (the rank's lifecycle; pp1.md §2, the same order on every rank) ----------------------------
+
+
+@dataclass(frozen=True)
+class InitWorld(Intent):
+    """init_process_group and the world CPU group (the only groups that do not depend on the topology).
+    Answered by ``WorldReady``."""
+
+
+@dataclass(frozen=True)
+class GatherConfigs(Intent):
+    """All-gather every rank's run config (``config``: this rank's, as JSON) over the world CPU group.
+    Answered by ``ConfigsGathered``."""
+
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InitGroups(Intent):
+    """Create the topology's sub-groups in ONE fixed order on every rank (after parity: ranks that agree
+    on the config agree on these calls). Answered by ``GroupsReady``."""
+
+
+@dataclass(frozen=True)
+class Load(Intent):
+    """Build what this rank serves with (stage 0, a generator shard, or both). Answered by ``LoadDone``
+    (also when it failed: every rank still votes)."""
+
+
+@dataclass(frozen=True)
+class Vote(Intent):
+    """All-reduce MIN of ``vote`` over the world CPU group; when the result is 0, all-gather every rank's
+    load failure (``cause``). Answered by ``VoteCounted``."""
+
+    vote: int
+    cause: str | None
+
+
+@dataclass(frozen=True)
+class GatherFingerprints(Intent):
+    """Mesh ranks: all-gather ``fingerprint`` over the mesh CPU group. Answered by ``FingerprintsGathered``."""
+
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Barrier(Intent):
+    """All-reduce MIN of ``verdict`` (1: this rank's checks passed) over the world CPU group: the barrier.
+    Answered by ``BarrierPassed``."""
+
+    verdict: int
 
 
 # -- tensors ------------------------------------------------------------------------------------------

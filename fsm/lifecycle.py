@@ -21,9 +21,20 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Literal
 
-from pp1.protocol.config import RunConfig
+from pp1.protocol.config import RunConfig, parity_report
 
-from .base import ErrorKind, FailureCause, ProtocolMachine
+from .base import ErrorKind, FailureCause, Intent, ProtocolMachine
+from .intents import (
+    EXIT_FAILED,
+    Barrier,
+    Exit,
+    GatherConfigs,
+    GatherFingerprints,
+    InitGroups,
+    InitWorld,
+    Load,
+    Vote,
+)
 
 log = logging.getLogger("pp1.fsm.lifecycle")
 
@@ -146,10 +157,86 @@ class LifecycleMachine(ProtocolMachine):
     TERMINAL = frozenset({SHUTDOWN, FAILED})
     INITIAL = INIT
 
+    MESH: ClassVar[bool] = True  # checks shard fingerprints
+
     def __init__(self, rank: int, **ctx: Any) -> None:
         super().__init__(rank, **{"role": self.ROLE, **ctx})
         self.load_ok: bool | None = None
         self.load_error = ""
+        self.fingerprint = ""
+        self._config: dict[str, Any] = {}
+        self._fingerprint_detail = ""
+
+    # -- startup, driven as intents (the adapter performs the collectives) ----------------------------
+    def start(self, config: dict[str, Any]) -> list[Intent]:
+        """Begin startup with this rank's run config (JSON): init, parity, groups, load, vote,
+        fingerprint (mesh), barrier. Ends in ``warming_channels`` with no intent left (the role's
+        machine takes over), or in ``failed`` with ``Exit``."""
+        self._config = config
+        return [InitWorld()]
+
+    def on_world_ready(self) -> list[Intent]:
+        self.fire("start")
+        return [GatherConfigs(self._config)]
+
+    def on_configs(self, configs: list[dict[str, Any]]) -> list[Intent]:
+        """Parity: any key that differs from rank 0's fails every rank with a per-key diff (local on the
+        rank whose config differs from rank 0's, remote on the others)."""
+        report = parity_report(configs)
+        if report:
+            kind = "local" if self._config != configs[0] else "remote"
+            return self._exit("config parity failed: " + "; ".join(report), kind)
+        return [InitGroups()]
+
+    def on_groups_ready(self) -> list[Intent]:
+        self.fire("parity_ok")
+        return [Load()]
+
+    def on_load_done(self, ok: bool, reason: str = "", fingerprint: str = "") -> list[Intent]:
+        self.fingerprint = fingerprint
+        vote = self.on_loaded(ok, reason)
+        return [Vote(vote, None if ok else reason)]
+
+    def on_vote_counted(self, min_vote: int, causes: list[str | None]) -> list[Intent]:
+        detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(causes) if c)
+        self.on_vote(min_vote, detail)
+        if self.failure is not None:
+            return [Exit(EXIT_FAILED, str(self.failure))]
+        if self.MESH:
+            return [GatherFingerprints(self.fingerprint)]
+        return [Barrier(1)]
+
+    def on_fingerprints(self, fingerprints: list[str]) -> list[Intent]:
+        """Every mesh rank's shard fingerprint must be the same."""
+        if len(set(fingerprints)) == 1:
+            self.fire("fingerprint_ok")
+            return [Barrier(1)]
+        self._fingerprint_detail = ", ".join(f"mesh rank {i}: {fp}" for i, fp in enumerate(fingerprints))
+        return [Barrier(0)]
+
+    def on_barrier(self, min_verdict: int) -> list[Intent]:
+        if self._fingerprint_detail:
+            return self._exit(f"shard fingerprints differ: {self._fingerprint_detail}", "local")
+        if min_verdict < 1:
+            return self._exit("shard fingerprints differ on the mesh", "remote")
+        self.fire("barrier_done")
+        return []  # the channels are the role machine's (it fires channels_warm)
+
+    def on_peer_gone(self, reason: str) -> list[Intent]:
+        return self._exit(f"a peer was lost during {self.state}: {reason}", "remote")
+
+    def on_local_error(self, reason: str) -> list[Intent]:
+        """Creating the topology's groups failed (every rank has the same config: every rank fails alike)."""
+        return self._exit(f"topology: {reason}", "local")
+
+    def on_drain(self, now: float) -> list[Intent]:
+        return self._exit(f"stop requested during {self.state}", "local")
+
+    def _exit(self, reason: str, kind: str) -> list[Intent]:
+        if not self.is_terminal:
+            self.fail_with(reason, "local" if kind == "local" else "remote")
+            log.error("%s", self.failure)
+        return [Exit(EXIT_FAILED, str(self.failure or reason))]
 
     def on_loaded(self, ok: bool, reason: str = "") -> int:
         """Record this rank's load result and fire ``loaded``; returns the vote to all-reduce
@@ -187,6 +274,8 @@ class LifecycleMachine(ProtocolMachine):
 
 class FrontLifecycleMachine(LifecycleMachine):
     """LifecycleMachine of the front (rank 0 under PP1): stage 0, HTTP, the PP channel to the leader."""
+
+    MESH = False
 
     NAME = "lifecycle_front"
     ROLE = "front"

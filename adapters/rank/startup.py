@@ -1,32 +1,44 @@
 """The startup every rank runs, in the same order (pp1.md §2): init_process_group and the world CPU
 group; parity; the topology's sub-groups (one fixed order); load; vote; fingerprint (mesh);
-barrier. Warming the channels and warmup are role-specific (the role mains).
+barrier. The rank's lifecycle machine drives it as intents (``LifecycleMachine.start``); this performs
+them. Warming the channels and warmup are the role machines' (``fsm/leader.py``, ``worker.py``, ``front.py``).
 
 Sub-groups are created right after parity rather than before it: ranks that disagree on the
 topology would otherwise call ``new_group`` with different members and hang instead of failing
 with a per-key diff. Only the world CPU group (every rank, whatever the config) precedes parity.
 
-Each step's outcome is fired into the rank's lifecycle machine; a failure raises :class:`RankExit`
+Each step's outcome is fed into the rank's lifecycle machine; a failure raises :class:`RankExit`
 after the machine recorded its FailureCause.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.observe import emit_event
-from pp1.adapters.transport.runtime import DistributedRuntime, PeerLost
-from pp1.fsm.intents import EXIT_FAILED
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.fsm.base import Event, Intent
+from pp1.fsm.events import (
+    BarrierPassed,
+    ConfigsGathered,
+    FingerprintsGathered,
+    GroupsReady,
+    LoadDone,
+    VoteCounted,
+    WorldReady,
+)
+from pp1.fsm.intents import Barrier, GatherConfigs, GatherFingerprints, InitGroups, InitWorld, Load, Vote
 from pp1.fsm.lifecycle import LifecycleMachine
 from pp1.pipelines.interface import Generator, PipelineFactory, Stage0
-from pp1.protocol.config import RunConfig, parity_report
+from pp1.protocol.config import RunConfig
+from pp1.protocol.errors import LocalProtocolError
 from pp1.protocol.geometry import ChunkGeometry
 
 log = logging.getLogger("pp1.adapters.rank.startup")
@@ -64,114 +76,68 @@ def geometry_for(factory: PipelineFactory, config: RunConfig) -> ChunkGeometry:
     return g if g.dtype == config.dtype else g.model_copy(update={"dtype": config.dtype})
 
 
-class Startup:
-    """Runs the common startup steps for one rank and drives its lifecycle machine."""
+class StartupExecutor(Executor):
+    """Performs the startup intents of a rank's lifecycle machine over torch.distributed (the machine
+    decides: parity, the vote, the fingerprints, the barrier's verdict)."""
 
-    def __init__(
-        self,
-        rt: DistributedRuntime,
-        config: RunConfig,
-        lifecycle: LifecycleMachine,
-        faults: FaultPlan,
-        pg_timeout_s: float,
-        stop_requested: threading.Event | None = None,
-    ) -> None:
-        self.rt, self.config, self.lc, self.faults = rt, config, lifecycle, faults
-        self.pg_timeout_s = pg_timeout_s
-        self.stop_requested = stop_requested or threading.Event()
+    def __init__(self, rt: DistributedRuntime, lifecycle: LifecycleMachine, faults: FaultPlan, pg_timeout_s: float,
+                 build: Callable[[], LoadedPipeline]) -> None:
+        super().__init__(lifecycle)
+        self.rt, self.faults, self.pg_timeout_s, self.build = rt, faults, pg_timeout_s, build
+        self.loaded: LoadedPipeline | None = None
 
-    # -- helpers -----------------------------------------------------------------------------------
-    def fail(self, reason: str, kind: str = "local", code: int = EXIT_FAILED) -> RankExit:
-        if not self.lc.is_terminal:
-            self.lc.fail_with(reason, "local" if kind == "local" else "remote")
-        cause = self.lc.failure
-        log.error("%s", cause or reason)
-        emit_event("failed", reason=str(cause or reason), phase=cause.phase if cause else "?")
-        return RankExit(code, str(cause or reason))
-
-    def fire(self, event: str) -> None:
-        self.lc.fire(event)
-
-    def _check_signal(self) -> None:
-        if self.stop_requested.is_set():
-            raise self.fail(f"stop requested during {self.lc.state}", "local")
-
-    # -- the steps ---------------------------------------------------------------------------------
-    def run(self, build: Callable[[], LoadedPipeline]) -> LoadedPipeline:
-        """init .. barrier. Returns what the load built."""
+    def perform(self, it: Intent) -> Event | None:
         rt = self.rt
-        emit_event("phase", phase=self.lc.state, mesh_rank=rt.mesh_rank)
-        try:
+        if isinstance(it, InitWorld):
             rt.init_world(self.pg_timeout_s)
-            self.fire("start")
-            self._parity()
-            self._check_signal()
-            loaded = self._load(build)
-            self._vote(loaded)
-            self._check_signal()
-            self._fingerprint_and_barrier(loaded)
-        except PeerLost as exc:
-            raise self.fail(f"a peer was lost during {self.lc.state}: {exc}", "remote") from exc
-        assert loaded is not None
-        return loaded
+            return WorldReady()
+        if isinstance(it, GatherConfigs):
+            return ConfigsGathered(rt.all_gather_object(it.config, rt.groups.world_cpu, "parity"))
+        if isinstance(it, InitGroups):
+            try:
+                rt.init_groups()
+            except LocalProtocolError:
+                raise
+            except Exception as exc:  # every rank has the same config: every rank fails the same way
+                raise LocalProtocolError("topology", str(exc), "topology") from exc
+            return GroupsReady()
+        if isinstance(it, Load):
+            return self._load()
+        if isinstance(it, Vote):
+            t = torch.tensor([it.vote], dtype=torch.int32)
+            rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "vote")
+            causes: list[str | None] = []
+            if int(t.item()) == 0:
+                causes = rt.all_gather_object(it.cause, rt.groups.world_cpu, "vote_causes")
+            return VoteCounted(int(t.item()), causes)
+        if isinstance(it, GatherFingerprints):
+            return FingerprintsGathered(rt.all_gather_object(it.fingerprint, rt.groups.mesh_cpu, "fingerprint"))
+        if isinstance(it, Barrier):
+            t = torch.tensor([it.verdict], dtype=torch.int32)
+            rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "barrier")
+            return BarrierPassed(int(t.item()))
+        raise TypeError(f"startup: no way to perform {it!r}")
 
-    def _parity(self) -> None:
-        rt = self.rt
-        mine = self.config.model_dump(mode="json")
-        configs = rt.all_gather_object(mine, rt.groups.world_cpu, "parity")
-        report = parity_report(configs)
-        if report:
-            for line in report:
-                log.error("parity: %s", line)
-            kind = "local" if mine != configs[0] else "remote"
-            raise self.fail("config parity failed: " + "; ".join(report), kind)
-        try:
-            rt.init_groups()
-        except Exception as exc:  # every rank has the same config: every rank fails the same way
-            raise self.fail(f"topology: {exc}", "local") from exc
-        self.fire("parity_ok")
-
-    def _load(self, build: Callable[[], LoadedPipeline]) -> LoadedPipeline | None:
-        loaded: LoadedPipeline | None = None
-        reason = ""
+    def _load(self) -> LoadDone:
         try:
             self.faults.check("load")
-            loaded = build()
+            self.loaded = self.build()
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
             log.exception("load failed")
-        vote = self.lc.on_loaded(loaded is not None, reason)
-        self._load_reason = reason
-        return loaded if vote else None
+            return LoadDone(ok=False, reason=f"{type(exc).__name__}: {exc}")
+        return LoadDone(ok=True, fingerprint=self.loaded.fingerprint)
 
-    def _vote(self, loaded: LoadedPipeline | None) -> None:
-        rt = self.rt
-        t = torch.tensor([1 if loaded is not None else 0], dtype=torch.int32)
-        rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "vote")
-        detail = ""
-        if int(t.item()) == 0:
-            causes = rt.all_gather_object(self._load_reason or None, rt.groups.world_cpu, "vote_causes")
-            detail = "; ".join(f"rank {r}: {c}" for r, c in enumerate(causes) if c)
-        self.lc.on_vote(int(t.item()), detail)
-        if self.lc.failure is not None:
-            raise self.fail(self.lc.failure.reason)
 
-    def _fingerprint_and_barrier(self, loaded: LoadedPipeline | None) -> None:
-        rt = self.rt
-        assert loaded is not None
-        fp_ok = True
-        detail = ""
-        if rt.is_mesh_member:
-            fps = rt.all_gather_object(loaded.fingerprint, rt.groups.mesh_cpu, "fingerprint")
-            fp_ok = len(set(fps)) == 1
-            if fp_ok:
-                self.fire("fingerprint_ok")
-            else:
-                detail = ", ".join(f"mesh rank {i}: {fp}" for i, fp in enumerate(fps))
-        verdict = torch.tensor([1 if fp_ok else 0], dtype=torch.int32)
-        rt.all_reduce(verdict, dist.ReduceOp.MIN, rt.groups.world_cpu, "barrier")
-        if not fp_ok:
-            raise self.fail(f"shard fingerprints differ: {detail}", "local")
-        if int(verdict.item()) == 0:
-            raise self.fail("shard fingerprints differ on the mesh", "remote")
-        self.fire("barrier_done")
+def run_startup(rt: DistributedRuntime, config: RunConfig, lifecycle: LifecycleMachine, faults: FaultPlan,
+                pg_timeout_s: float, build: Callable[[], LoadedPipeline]) -> LoadedPipeline:
+    """init .. barrier, in the same order on every rank; returns what the load built, or raises RankExit
+    after the lifecycle recorded its cause."""
+    executor = StartupExecutor(rt, lifecycle, faults, pg_timeout_s, build)
+    executor.begin(lifecycle.start(config.model_dump(mode="json")))
+    ex = executor.drain()
+    if ex is not None:
+        cause = lifecycle.failure
+        emit_event("failed", reason=str(cause or ex.reason), phase=cause.phase if cause else "?")
+        raise RankExit(ex.code, ex.reason)
+    assert executor.loaded is not None
+    return executor.loaded

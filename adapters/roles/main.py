@@ -26,7 +26,7 @@ from pp1.adapters.rank.faults import FaultPlan, record
 from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
 from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.peak_memory import emit_peak_memory
-from pp1.adapters.rank.startup import LoadedPipeline, RankExit, Startup, geometry_for, torch_dtype_of
+from pp1.adapters.rank.startup import LoadedPipeline, RankExit, geometry_for, run_startup, torch_dtype_of
 from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
 from pp1.adapters.transport.runtime import DistributedRuntime
@@ -71,8 +71,8 @@ def build_loader(rt: DistributedRuntime, cfg: RunConfig) -> Callable[[], LoadedP
 
 def run_role(ctx: RankContext) -> int:
     """The common startup, then this rank's role until it exits."""
-    startup = Startup(ctx.rt, ctx.config, ctx.lifecycle, ctx.faults, ctx.options.pg_timeout_s)
-    ctx.loaded = startup.run(build_loader(ctx.rt, ctx.config))
+    ctx.loaded = run_startup(ctx.rt, ctx.config, ctx.lifecycle, ctx.faults, ctx.options.pg_timeout_s,
+                             build_loader(ctx.rt, ctx.config))
     from pp1.adapters.roles.front import serve_front, serve_tp_rank0
     from pp1.adapters.roles.leader import serve_leader
     from pp1.adapters.roles.worker import serve_worker
