@@ -146,8 +146,9 @@ class FrontEngine(Executor):
         faults: FaultPlan | None = None,
         on_frames: FrameSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[Executor, float], None] | None = None,
     ) -> None:
-        super().__init__(machine, clock)
+        super().__init__(machine, clock, wait)
         self.channel = channel
         self.stage0 = stage0
         self.geometry = geometry

@@ -37,9 +37,13 @@ log = logging.getLogger("pp1.adapters.rank.executor")
 class Executor:
     """Performs ``machine``'s intents (subclasses implement :meth:`perform`)."""
 
-    def __init__(self, machine: ProtocolMachine, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, machine: ProtocolMachine, clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[Executor, float], None] | None = None) -> None:
+        """``clock``: monotonic seconds (a test's virtual clock); ``wait``: how an idle wait blocks until a
+        time or a request (default: a real wait; a stepped test raises WouldBlock instead)."""
         self.machine = machine
         self.clock = clock
+        self._wait_hook = wait
         self.pending: deque[Intent] = deque()
         self._requests: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -50,8 +54,14 @@ class Executor:
         self._requests.put(event)
         self._wake.set()
 
+    def has_requests(self) -> bool:
+        return not self._requests.empty()
+
     def wait_for_request(self, until: float) -> None:
         """Block until ``until`` (the executor's clock) or until a request is posted."""
+        if self._wait_hook is not None:
+            self._wait_hook(self, until)
+            return
         left = until - self.clock()
         if left > 0 and self._requests.empty():
             self._wake.wait(timeout=left)

@@ -14,16 +14,17 @@ after the machine recorded its FailureCause.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.rank.observe import emit_event
-from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.adapters.transport.interface import StartupCollectives
+from pp1.adapters.transport.runtime import DistributedCollectives, DistributedRuntime
 from pp1.fsm.base import Event, Intent
 from pp1.fsm.events import (
     BarrierPassed,
@@ -38,7 +39,6 @@ from pp1.fsm.intents import Barrier, GatherConfigs, GatherFingerprints, InitGrou
 from pp1.fsm.lifecycle import LifecycleMachine
 from pp1.pipelines.interface import Generator, PipelineFactory, Stage0
 from pp1.protocol.config import RunConfig
-from pp1.protocol.errors import LocalProtocolError
 from pp1.protocol.geometry import ChunkGeometry
 
 log = logging.getLogger("pp1.adapters.rank.startup")
@@ -77,45 +77,33 @@ def geometry_for(factory: PipelineFactory, config: RunConfig) -> ChunkGeometry:
 
 
 class StartupExecutor(Executor):
-    """Performs the startup intents of a rank's lifecycle machine over torch.distributed (the machine
-    decides: parity, the vote, the fingerprints, the barrier's verdict)."""
+    """Performs the startup intents of a rank's lifecycle machine over the startup collectives (the
+    machine decides: parity, the vote, the fingerprints, the barrier's verdict)."""
 
-    def __init__(self, rt: DistributedRuntime, lifecycle: LifecycleMachine, faults: FaultPlan, pg_timeout_s: float,
-                 build: Callable[[], LoadedPipeline]) -> None:
-        super().__init__(lifecycle)
-        self.rt, self.faults, self.pg_timeout_s, self.build = rt, faults, pg_timeout_s, build
+    def __init__(self, collectives: StartupCollectives, lifecycle: LifecycleMachine, faults: FaultPlan,
+                 build: Callable[[], LoadedPipeline], clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(lifecycle, clock)
+        self.collectives, self.faults, self.build = collectives, faults, build
         self.loaded: LoadedPipeline | None = None
 
     def perform(self, it: Intent) -> Event | None:
-        rt = self.rt
+        c = self.collectives
         if isinstance(it, InitWorld):
-            rt.init_world(self.pg_timeout_s)
+            c.init_world()
             return WorldReady()
         if isinstance(it, GatherConfigs):
-            return ConfigsGathered(rt.all_gather_object(it.config, rt.groups.world_cpu, "parity"))
+            return ConfigsGathered(c.gather_configs(it.config))
         if isinstance(it, InitGroups):
-            try:
-                rt.init_groups()
-            except LocalProtocolError:
-                raise
-            except Exception as exc:  # every rank has the same config: every rank fails the same way
-                raise LocalProtocolError("topology", str(exc), "topology") from exc
+            c.init_groups()
             return GroupsReady()
         if isinstance(it, Load):
             return self._load()
         if isinstance(it, Vote):
-            t = torch.tensor([it.vote], dtype=torch.int32)
-            rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "vote")
-            causes: list[str | None] = []
-            if int(t.item()) == 0:
-                causes = rt.all_gather_object(it.cause, rt.groups.world_cpu, "vote_causes")
-            return VoteCounted(int(t.item()), causes)
+            return VoteCounted(*c.vote(it.vote, it.cause))
         if isinstance(it, GatherFingerprints):
-            return FingerprintsGathered(rt.all_gather_object(it.fingerprint, rt.groups.mesh_cpu, "fingerprint"))
+            return FingerprintsGathered(c.gather_fingerprints(it.fingerprint))
         if isinstance(it, Barrier):
-            t = torch.tensor([it.verdict], dtype=torch.int32)
-            rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "barrier")
-            return BarrierPassed(int(t.item()))
+            return BarrierPassed(c.barrier(it.verdict))
         raise TypeError(f"startup: no way to perform {it!r}")
 
     def _load(self) -> LoadDone:
@@ -132,7 +120,7 @@ def run_startup(rt: DistributedRuntime, config: RunConfig, lifecycle: LifecycleM
                 pg_timeout_s: float, build: Callable[[], LoadedPipeline]) -> LoadedPipeline:
     """init .. barrier, in the same order on every rank; returns what the load built, or raises RankExit
     after the lifecycle recorded its cause."""
-    executor = StartupExecutor(rt, lifecycle, faults, pg_timeout_s, build)
+    executor = StartupExecutor(DistributedCollectives(rt, pg_timeout_s), lifecycle, faults, build)
     executor.begin(lifecycle.start(config.model_dump(mode="json")))
     ex = executor.drain()
     if ex is not None:

@@ -18,7 +18,7 @@ Times are ``time.monotonic`` seconds (virtual ones for the in-memory transport);
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +28,26 @@ from pp1.protocol.tensors import TensorSpec
 
 class WouldBlock(Exception):  # noqa: N818 - a signal to the stepper, not an error
     """The operation cannot complete yet (in-memory transport only); nothing was consumed."""
+
+
+class StartupCollectives(Protocol):
+    """The collectives of startup (pp1.md §2), in the order every rank calls them."""
+
+    def init_world(self) -> None: ...
+
+    def gather_configs(self, config: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def init_groups(self) -> None: ...
+
+    def vote(self, vote: int, cause: str | None) -> tuple[int, list[str | None]]:
+        """All-reduce MIN of ``vote``; when it is 0, every rank's ``cause`` (all-gathered)."""
+        ...
+
+    def gather_fingerprints(self, fingerprint: str) -> list[str]: ...
+
+    def barrier(self, verdict: int) -> int:
+        """All-reduce MIN of ``verdict`` over every rank."""
+        ...
 
 
 class FrontEnd(Protocol):

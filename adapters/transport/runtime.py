@@ -323,3 +323,42 @@ class DistributedRuntime:
         if not finished:
             log.warning("%s destroy_process_group still running after %.1f s; leaving it", self.ids, bound_s)
         return finished
+
+
+class DistributedCollectives:
+    """The startup collectives over this runtime's groups (``interface.StartupCollectives``)."""
+
+    def __init__(self, rt: DistributedRuntime, pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> None:
+        self.rt, self.pg_timeout_s = rt, pg_timeout_s
+
+    def init_world(self) -> None:
+        self.rt.init_world(self.pg_timeout_s)
+
+    def gather_configs(self, config: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.rt.all_gather_object(config, self.rt.groups.world_cpu, "parity")
+
+    def init_groups(self) -> None:
+        try:
+            self.rt.init_groups()
+        except LocalProtocolError:
+            raise
+        except Exception as exc:  # every rank has the same config: every rank fails the same way
+            raise LocalProtocolError("topology", str(exc), "topology") from exc
+
+    def vote(self, vote: int, cause: str | None) -> tuple[int, list[str | None]]:
+        rt = self.rt
+        t = torch.tensor([vote], dtype=torch.int32)
+        rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "vote")
+        causes: list[str | None] = []
+        if int(t.item()) == 0:
+            causes = rt.all_gather_object(cause, rt.groups.world_cpu, "vote_causes")
+        return int(t.item()), causes
+
+    def gather_fingerprints(self, fingerprint: str) -> list[str]:
+        return self.rt.all_gather_object(fingerprint, self.rt.groups.mesh_cpu, "fingerprint")
+
+    def barrier(self, verdict: int) -> int:
+        rt = self.rt
+        t = torch.tensor([verdict], dtype=torch.int32)
+        rt.all_reduce(t, dist.ReduceOp.MIN, rt.groups.world_cpu, "barrier")
+        return int(t.item())
