@@ -46,7 +46,7 @@ from .settings import ServerSettings
 STATIC = Path(__file__).resolve().parent / "static"
 GUARDED_METHODS = frozenset({"POST", "PATCH", "DELETE", "PUT"})
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -87,8 +87,19 @@ def create_app(front: FrontAPI, settings: ServerSettings | None = None) -> FastA
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        whole_body = [e for e in errors if tuple(e.get("loc", ())) == ("body",)]
+        content_type = request.headers.get("content-type", "")
+        if whole_body and "json" not in content_type.lower():
+            core.metrics.refusals.labels(code="unsupported_media_type").inc()
+            return JSONResponse({"error": "unsupported_media_type", "detail": [{"field": "(body)", "reason":
+                                 f"send a JSON body with 'Content-Type: application/json' (got {content_type!r})"}]},
+                                status_code=415)
+        if whole_body and whole_body[0].get("type") == "missing":
+            core.metrics.refusals.labels(code="missing_body").inc()
+            return JSONResponse({"error": "missing_body", "detail": [{"field": "(body)", "reason":
+                                 "a JSON object body is required"}]}, status_code=422)
         if any(e.get("type") == "json_invalid" for e in errors):
             e = next(e for e in errors if e.get("type") == "json_invalid")
             reason = (e.get("ctx") or {}).get("error", e.get("msg", "invalid JSON"))

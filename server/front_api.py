@@ -68,7 +68,7 @@ class _Frozen(BaseModel):
 class PromptItem(BaseModel):
     """One prompt with its blending weight (Daydream Scope's ``PromptItem``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = Field(..., min_length=1, max_length=2000, description="Prompt text")
     weight: float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight for blending (non-negative)")
@@ -77,7 +77,7 @@ class PromptItem(BaseModel):
 class PromptTransition(BaseModel):
     """Scope's temporal transition between prompt blends (accepted only where the front supports it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     target_prompts: list[PromptItem] = Field(..., min_length=1, max_length=8)
     num_steps: int = Field(default=4, ge=0, le=1000)
@@ -87,10 +87,11 @@ class PromptTransition(BaseModel):
 class StreamParameters(BaseModel):
     """Parameters of a stream: Daydream Scope's ``Parameters`` where they overlap, plus what a PP1
     mesh adds (``seed``, ``recompute_every``). Every field is optional: a partial update names only
-    what changes. Unknown fields are refused. A field that ``FrontInfo.supported_parameters`` does
-    not list is refused by the server before the front sees it."""
+    what changes. Unknown fields are refused, and so are values of the wrong JSON type (strict: no
+    "5" for 5, no true for 1). A field that ``FrontInfo.supported_parameters`` does not list is
+    refused by the server before the front sees it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompts: list[PromptItem] | None = Field(default=None, min_length=1, max_length=8,
                                              description="Prompts with weights (a blend where supported)")

@@ -15,7 +15,7 @@ MAX_SDP_CHARS = 100_000
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class WebRTCOfferRequest(_Request):
