@@ -43,13 +43,20 @@ log = logging.getLogger("pp1.testing.fake_front")
 FAKE_SUPPORTED = frozenset({"prompts", "seed", "recompute_every", "reset_cache", "paused",
                             "prompt_interpolation_method", "input_mode"})
 
-PALETTE = [(220, 40, 40), (40, 90, 220), (40, 180, 60), (230, 200, 30), (170, 60, 200), (30, 190, 190),
-           (240, 120, 20), (120, 120, 120)]
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "blue": (40, 90, 220), "green": (40, 180, 60), "yellow": (230, 200, 30),
+    "purple": (170, 60, 200), "cyan": (30, 190, 190), "orange": (240, 120, 20), "grey": (120, 120, 120),
+}
 
 
 def prompt_colour(text: str) -> tuple[int, int, int]:
-    """The background colour a prompt paints (deterministic)."""
-    return PALETTE[hashlib.sha256(text.encode()).digest()[0] % len(PALETTE)]
+    """The background colour a prompt paints: the first colour word it names, else one chosen by
+    its hash (deterministic)."""
+    for word in text.lower().replace(",", " ").split():
+        if word in PALETTE:
+            return PALETTE[word]
+    colours = list(PALETTE.values())
+    return colours[hashlib.sha256(text.encode()).digest()[0] % len(colours)]
 
 
 def startup_events(lc: Lifecycle) -> list[str]:
@@ -117,6 +124,7 @@ class FakeFront:
         self._ended = False
         self._load_error: str | None = None
         self._fail_startup: tuple[int, str] | None = None
+        self._next_at = 0.0
         self._thread = threading.Thread(target=self._run, name="fake-front-comms", daemon=True)
         self._thread.start()
 
@@ -168,6 +176,7 @@ class FakeFront:
             self.prompt = params.prompts[0].text if params.prompts else self._info.default_prompt
             self._hard_cut()
             self._started_at, self._ttff = time.monotonic(), None
+            self._next_at = self._started_at + self._info.chunk_frames / self._info.fps  # the first chunk's compute
             self._last_emit = None
             self._wake.notify_all()
 
@@ -295,20 +304,19 @@ class FakeFront:
     def _run(self) -> None:
         self._startup()
         period = self._info.chunk_frames / self._info.fps
-        next_at = time.monotonic()
         while True:
             with self._lock:
                 if self._ended:
                     return
                 if not self.streaming or self.paused:
                     self._wake.wait(timeout=0.5)
-                    next_at = time.monotonic()
+                    self._next_at = max(self._next_at, time.monotonic() + period)
                     continue
                 now = time.monotonic()
-                if now < next_at:
-                    self._wake.wait(timeout=next_at - now)
+                if now < self._next_at:
+                    self._wake.wait(timeout=self._next_at - now)
                     continue
-                next_at = max(next_at + period, now - period)
+                self._next_at = max(self._next_at + period, now - period)
                 batch = self._make_chunk(now)
             self._emit(batch)
 

@@ -3,6 +3,7 @@ overriding ``front``) and the server on it, uvicorn in a thread on 127.0.0.1 and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -56,12 +57,12 @@ def front(front_options: dict[str, Any]) -> Iterator[Any]:
         f.close()
 
 
-@pytest.fixture
-def served(front: Any, server_options: dict[str, Any]) -> Iterator[Served]:
-    settings = ServerSettings(**{"port": 0, "close_flush_s": 0.3, **server_options})
+@contextlib.contextmanager
+def serve_in_thread(front: Any, settings: ServerSettings, port: int = 0) -> Iterator[Served]:
+    """The app on ``front`` under uvicorn in a thread, on 127.0.0.1:``port`` (0: a free one)."""
     app = create_app(front, settings)
     server = uvicorn_server(app, settings, log_level="warning")
-    sock = bind("127.0.0.1", 0)
+    sock = bind("127.0.0.1", port)
     port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
@@ -77,3 +78,10 @@ def served(front: Any, server_options: dict[str, Any]) -> Iterator[Served]:
         thread.join(timeout=15)
         sock.close()
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def served(front: Any, server_options: dict[str, Any]) -> Iterator[Served]:
+    settings = ServerSettings(**{"port": 0, "close_flush_s": 0.3, **server_options})
+    with serve_in_thread(front, settings) as s:
+        yield s
