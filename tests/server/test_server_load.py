@@ -30,7 +30,13 @@ def rss_mib() -> float:
     return float("nan")
 
 
-@pytest.mark.parametrize("front_options", [{"width": 128, "height": 128, "fps": 24.0}])
+def _size() -> tuple[int, int]:
+    """PP1_LOAD_SIZE=WxH to try another frame size by hand (CI: 128x128, the tiny preset's)."""
+    w, h = os.environ.get("PP1_LOAD_SIZE", "128x128").lower().split("x")
+    return int(w), int(h)
+
+
+@pytest.mark.parametrize("front_options", [{"width": _size()[0], "height": _size()[1], "fps": 24.0}])
 def test_eight_viewers_for_ten_seconds(served: Served) -> None:
     wait_ready(served.front)
 
