@@ -5,7 +5,8 @@
     ``pipelines/`` (model code) never touches torch.distributed: collectives go through the
     Communicator handed in.
 (b) Arrows point down: protocol -> nothing of ours; fsm -> protocol; pipelines -> protocol;
-    adapters -> protocol, fsm, pipelines; server -> adapters and below; pp1 (the CLI) -> anything.
+    adapters -> protocol, fsm, pipelines; server -> adapters and below; testing (test doubles, dev
+    tools) and pp1 (the CLI) -> anything; nothing of the runtime imports testing.
     Our code is imported as ``pp1.xxx``, never by its folder name.
 
 A failure names the file, the line and the forbidden import or call.
@@ -28,15 +29,17 @@ FOLDERS: dict[str, str] = {
     "pipelines": "pp1.pipelines",
     "adapters": "pp1.adapters",
     "server": "pp1.server",
+    "testing": "pp1.testing",
     "pp1": "pp1",
 }
-LAYERS = ("protocol", "fsm", "pipelines", "adapters", "server", "pp1")
+LAYERS = ("protocol", "fsm", "pipelines", "adapters", "server", "testing", "pp1")
 ALLOWED: dict[str, set[str] | None] = {  # None: anything
     "protocol": {"protocol"},
     "fsm": {"fsm", "protocol"},
     "pipelines": {"pipelines", "protocol"},
     "adapters": {"adapters", "protocol", "fsm", "pipelines"},
     "server": {"server", "adapters", "protocol", "fsm", "pipelines"},
+    "testing": None,  # test doubles and dev tools: above the runtime, never imported by it
     "pp1": None,
 }
 
@@ -257,6 +260,8 @@ BAD_SOURCES = [
         "imports pp1.server.app",
     ),
     ("server/a.py", "from pp1.cli import main\n", "imports pp1.cli"),
+    ("server/a.py", "from pp1.testing.fake_front import FakeFront\n", "imports pp1.testing.fake_front"),
+    ("adapters/a.py", "import pp1.testing\n", "imports pp1.testing"),
     ("adapters/a.py", "from protocol.messages import Action\n", "imports protocol.messages"),
 ]
 
