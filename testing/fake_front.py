@@ -18,6 +18,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,18 @@ def prompt_colour(text: str) -> tuple[int, int, int]:
             return PALETTE[word]
     colours = list(PALETTE.values())
     return colours[hashlib.sha256(text.encode()).digest()[0] % len(colours)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one chunk is rendered from (taken under the lock, rendered outside it)."""
+
+    prompt: str
+    cache_epoch: int
+    chunk_index: int
+    call_id: int
+    frame_number: int
+    params: dict[str, Any]
 
 
 def startup_events(lc: Lifecycle) -> list[str]:
@@ -286,23 +299,37 @@ class FakeFront:
                 if self._ended:
                     return
                 if self._fail_startup is not None:
-                    bad, reason = self._fail_startup
-                    self._load_error = f"rank {bad}: {reason}"
-                    for lc in self.lifecycles:
-                        if not lc.is_terminal:
-                            lc.fail_with(reason if lc.rank == bad else f"load vote failed on rank {bad}: {reason}",
-                                         "local" if lc.rank == bad else "remote")
-                    self._failure = Cause(rank=bad, phase="loading", reason=reason, kind="local")
-                    self._ended = True
+                    self._fail_all(*self._fail_startup, phase="loading")
                     return
                 for lc, evs in zip(self.lifecycles, per_rank, strict=True):
                     if i < len(evs) and lc.can_fire(evs[i]):
                         lc.fire(evs[i])
+                loading = self.lifecycles[0].state == "loading"
                 if delay > 0:
                     self._wake.wait(timeout=delay)
+            if loading:
+                self._load()  # outside the lock (a subclass builds its pipeline here)
+
+    def _load(self) -> None:
+        """Load what the frames need (the fake: nothing)."""
+
+    def _fail_all(self, bad: int, reason: str, phase: str) -> None:
+        with self._lock:
+            self._load_error = f"rank {bad}: {reason}"
+            for lc in self.lifecycles:
+                if not lc.is_terminal:
+                    lc.fail_with(reason if lc.rank == bad else f"load vote failed on rank {bad}: {reason}",
+                                 "local" if lc.rank == bad else "remote")
+            self._failure = Cause(rank=bad, phase=phase, reason=reason, kind="local")
+            self._ended = True
 
     def _run(self) -> None:
-        self._startup()
+        try:
+            self._startup()
+        except Exception as exc:  # a subclass's load failed: every rank fails, as the vote would make it
+            log.exception("startup failed")
+            self._fail_all(0, f"load failed: {type(exc).__name__}: {exc}", phase="loading")
+            return
         period = self._info.chunk_frames / self._info.fps
         while True:
             with self._lock:
@@ -317,24 +344,34 @@ class FakeFront:
                     self._wake.wait(timeout=self._next_at - now)
                     continue
                 self._next_at = max(self._next_at + period, now - period)
-                batch = self._make_chunk(now)
-            self._emit(batch)
+                job = Job(prompt=self.prompt, cache_epoch=self.cache_epoch, chunk_index=self.chunk_index,
+                          call_id=self.call_id + 1, frame_number=self.frame_number, params=dict(self.params))
+                self.call_id += 1
+            frames = self._render(job)  # outside the lock: status() never waits for a chunk
+            with self._lock:
+                if self._ended or not self.streaming or job.cache_epoch != self.cache_epoch:
+                    self.counters["stale_dropped"] += 1  # the epoch fence: never shown
+                    continue
+                self._emit(self._commit(job, frames, time.monotonic()))  # under the lock: not after stop()
 
-    def _make_chunk(self, now: float) -> FrameBatch:
+    def _render(self, job: Job) -> Any:
+        """The chunk's frames (uint8 [F, H, W, 3]): the prompt's colour, a moving bar, an epoch stripe."""
         info = self._info
         f = info.chunk_frames
         frames = np.empty((f, info.height, info.width, 3), dtype=np.uint8)
-        frames[:] = np.asarray(prompt_colour(self.prompt), dtype=np.uint8)
+        frames[:] = np.asarray(prompt_colour(job.prompt), dtype=np.uint8)
         bar = max(2, info.width // 16)
         for i in range(f):
-            x = (self.frame_number + i) * 2 % max(1, info.width - bar)
+            x = (job.frame_number + i) * 2 % max(1, info.width - bar)
             frames[i, :, x : x + bar] = 255
-        stripe = (self.cache_epoch * 8) % max(1, info.height - 4)
+        stripe = (job.cache_epoch * 8) % max(1, info.height - 4)
         frames[:, stripe : stripe + 4, :] = 0
-        self.frame_number += f
-        self.call_id += 1
-        batch = FrameBatch(frames=frames, chunk_index=self.chunk_index, cache_epoch=self.cache_epoch,
-                           call_id=self.call_id, t_decoded=now)
+        return frames
+
+    def _commit(self, job: Job, frames: Any, now: float) -> FrameBatch:
+        self.frame_number += int(frames.shape[0])
+        batch = FrameBatch(frames=frames, chunk_index=job.chunk_index, cache_epoch=job.cache_epoch,
+                           call_id=job.call_id, t_decoded=now)
         self.chunk_index += 1
         self.counters["emitted"] += 1
         if self._last_emit is not None:

@@ -49,8 +49,20 @@ def server_options() -> dict[str, Any]:
 
 
 @pytest.fixture
-def front(front_options: dict[str, Any]) -> Iterator[Any]:
-    f = FakeFront(**{"width": 64, "height": 64, "fps": 24.0, "chunk_frames": 12, **front_options})
+def front_kind() -> str:
+    """Which front the server runs on: "fake" (default) or "reference" (the reference pipeline in
+    process); the real job (pp1 serve) plugs in by overriding ``front`` / ``served``."""
+    return "fake"
+
+
+@pytest.fixture
+def front(front_kind: str, front_options: dict[str, Any]) -> Iterator[Any]:
+    if front_kind == "reference":
+        from pp1.testing.reference_front import ReferenceFront
+
+        f: Any = ReferenceFront(**{"preset": "micro", **front_options})
+    else:
+        f = FakeFront(**{"width": 64, "height": 64, "fps": 24.0, "chunk_frames": 12, **front_options})
     try:
         yield f
     finally:
