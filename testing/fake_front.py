@@ -138,6 +138,8 @@ class FakeFront:
         self._load_error: str | None = None
         self._fail_startup: tuple[int, str] | None = None
         self._next_at = 0.0
+        self._mesh_ms: float | None = None  # measured by a front that renders for real (ReferenceFront)
+        self._decode_ms: float | None = None
         self._thread = threading.Thread(target=self._run, name="fake-front-comms", daemon=True)
         self._thread.start()
 
@@ -167,8 +169,8 @@ class FakeFront:
                 fps=(self._info.chunk_frames * 1000.0 / statistics.median(periods)) if periods else None,
                 period_p50_ms=statistics.median(periods) if periods else None,
                 period_p99_ms=periods[max(0, round(0.99 * len(periods)) - 1)] if periods else None,
-                mesh_ms=1.0 if periods else None, decode_ms=0.5 if periods else None,
-                overlap_score=1.0 if periods else None, pp_overhead_ms=0.1 if periods else None,
+                mesh_ms=self._mesh_ms, decode_ms=self._decode_ms,
+                overlap_score=None, pp_overhead_ms=None,
                 time_to_first_frame_s=self._ttff, prompt_to_first_frame_s=self._prompt_ttff,
             )
             return FrontStatus(ready=ready, streaming=self.streaming, paused=self.paused, ranks=ranks,

@@ -10,6 +10,7 @@ the generator a ``ThreadedMesh`` of ``tp`` shards. Prompts are encoded on the ca
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import torch
@@ -119,7 +120,12 @@ class ReferenceFront(FakeFront):
         call = sched.next_call(cond, self._stage0.make_noise(sched.seed, sched.chunk_index), self._stage0.encode)
         if first:
             call.reset_cache = True  # a fresh epoch: the generator drops what the previous one cached
+        t0 = time.perf_counter()
         out = self._runner(call)
+        t1 = time.perf_counter()
         frames = self._stage0.decode(out.latents, first_chunk=call.chunk_index == 0)
+        t2 = time.perf_counter()
         sched.record(out, frames)
+        with self._lock:
+            self._mesh_ms, self._decode_ms = (t1 - t0) * 1000, (t2 - t1) * 1000  # last chunk's (no overlap here)
         return frames
