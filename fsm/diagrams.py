@@ -28,6 +28,7 @@ MACHINE_REGISTRY: tuple[tuple[str, str], ...] = (
     ("pp1.fsm.front", "FrontMachine"),
     ("pp1.fsm.chunk", "ChunkMachine"),
     ("pp1.fsm.kv_cache", "KVCacheMachine"),
+    ("pp1.fsm.session", "SessionMachine"),
 )
 
 INDEX_FILE = "README.md"

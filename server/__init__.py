@@ -1,1 +1,3 @@
-"""HTTP + WebRTC server (FastAPI, aiortc). Imports `pp1.adapters` only; arrives with its own issue."""
+"""HTTP + WebRTC server (FastAPI, aiortc) on the front rank. It knows the job only through
+``pp1.server.front_api.FrontAPI``; ``create_app(front, settings)`` in ``pp1.server.app``. See
+server/README.md."""

@@ -5,8 +5,8 @@
     ``pipelines/`` (model code) never touches torch.distributed: collectives go through the
     Communicator handed in.
 (b) Arrows point down: protocol -> nothing of ours; fsm -> protocol; pipelines -> protocol;
-    adapters -> protocol, fsm, pipelines; server -> adapters and below; testing (test doubles and
-    fault drills, out of the shipped runtime) -> all but server and the CLI; pp1 (the CLI) -> anything.
+    adapters -> protocol, fsm, pipelines; server -> adapters and below; testing (test doubles, fault
+    drills and dev tools, out of the shipped runtime) -> all but the CLI; pp1 (the CLI) -> anything.
     Inside adapters/, by layer: transport (torch.distributed runtime, wire, channels: nothing of fsm
     or pipelines) <- rank (one process of any role: options, startup, observe, faults) <- front (the
     front's engine, what the server drives) <- roles (the executors of each role) ; launch
@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str] | None] = {  # None: anything
     "pipelines": {"pipelines", "protocol"},
     "adapters": {"adapters", *_BELOW_ADAPTERS},
     "server": {"server", "adapters", *_BELOW_ADAPTERS},
-    "testing": {"testing", "adapters", *_BELOW_ADAPTERS},
+    "testing": {"testing", "server", "adapters", *_BELOW_ADAPTERS},  # above the runtime, never imported by it
     "pp1": None,
 }
 # adapters/<sub>/ -> the adapters sub-layers it may import (its own included)
@@ -299,6 +299,8 @@ BAD_SOURCES = [
         "imports pp1.server.app",
     ),
     ("server/a.py", "from pp1.cli import main\n", "imports pp1.cli"),
+    ("server/a.py", "from pp1.testing.fake_front import FakeFront\n", "imports pp1.testing.fake_front"),
+    ("adapters/a.py", "import pp1.testing\n", "imports pp1.testing"),
     ("adapters/a.py", "from protocol.messages import Action\n", "imports protocol.messages"),
     ("adapters/transport/a.py", "from pp1.fsm.chunk import ChunkMachine\n", "imports pp1.fsm.chunk"),
     ("adapters/transport/a.py", "from pp1.adapters.rank import observe\n", "imports pp1.adapters.rank.observe"),
@@ -307,7 +309,7 @@ BAD_SOURCES = [
     ("adapters/launch/a.py", "from pp1.adapters.transport.runtime import x\n", "imports pp1.adapters.transport.runtime"),
     ("adapters/launch/a.py", "from pp1.testing import standin\n", "imports pp1.testing.standin"),
     ("server/a.py", "from pp1.testing.standin import factory\n", "imports pp1.testing.standin"),
-    ("testing/a.py", "from pp1.server import app\n", "imports pp1.server.app"),
+    ("testing/a.py", "from pp1.cli import main\n", "imports pp1.cli"),
 ]
 
 

@@ -67,6 +67,12 @@ def factories() -> dict[str, Callable[[], ProtocolMachine]]:
         out["kv_cache"] = lambda: KVCacheMachine(0, window=6, chunk_frames=3)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from pp1.fsm.session import SessionMachine
+
+        out["session"] = lambda: SessionMachine(0)
+    except ImportError:  # pragma: no cover
+        pass
     return out
 
 
