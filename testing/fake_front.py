@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pp1.fsm.lifecycle import Lifecycle, make_lifecycle
+
+from pp1.fsm.lifecycle import LifecycleMachine, make_lifecycle
 from pp1.server.front_api import (
     Cause,
     ChunkCounters,
@@ -72,7 +73,7 @@ class Job:
     params: dict[str, Any]
 
 
-def startup_events(lc: Lifecycle) -> list[str]:
+def startup_events(lc: LifecycleMachine) -> list[str]:
     """The lifecycle table's events from init up to and including ``warmup_done``."""
     out: list[str] = []
     for event, _src, _dst in lc.TRANSITIONS:
@@ -109,7 +110,7 @@ class FakeFront:
         )
         roles = (["front", "leader"] + ["worker"] * (mesh_size - 1)) if topology == "pp1" else \
             (["tp_rank0"] + ["worker"] * (mesh_size - 1))
-        self.lifecycles: list[Lifecycle] = [make_lifecycle(r, i) for i, r in enumerate(roles)]
+        self.lifecycles: list[LifecycleMachine] = [make_lifecycle(r, i) for i, r in enumerate(roles)]
         self._startup_s = startup_s
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -395,6 +396,6 @@ class FakeFront:
                 log.exception("subscriber failed")
 
 
-def _cause(lc: Lifecycle) -> Cause | None:
+def _cause(lc: LifecycleMachine) -> Cause | None:
     f = lc.failure
     return Cause(rank=f.rank, phase=f.phase, reason=f.reason, kind=f.kind) if f else None

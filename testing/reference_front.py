@@ -14,11 +14,13 @@ import time
 from typing import Any
 
 import torch
+
 from pp1.pipelines.interface import Stage0
 from pp1.pipelines.loader import DEFAULT_PIPELINE, load_factory
-from pp1.pipelines.local_loop import FRAMES_PER_LATENT, ChunkSchedule, build_mesh, mesh_runner
+from pp1.pipelines.local_loop import ChunkSchedule, build_mesh, mesh_runner
 from pp1.pipelines.reference.presets import VAE_SPATIAL
 from pp1.pipelines.threaded_comm import ThreadedMesh
+from pp1.protocol.schedule import FRAMES_PER_LATENT
 from pp1.server.front_api import StreamParameters
 
 from .fake_front import FakeFront, Job

@@ -5,6 +5,7 @@ test_fsm_tables.py through the diagram registry."""
 from __future__ import annotations
 
 import pytest
+
 from pp1.fsm.base import InvalidEvent
 from pp1.fsm.session import (
     CloseAllPeers,

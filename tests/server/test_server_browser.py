@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import serve_in_thread, wait_ready
+
 from pp1.server.settings import ServerSettings
 from pp1.testing.fake_front import FakeFront, prompt_colour
 

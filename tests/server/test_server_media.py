@@ -9,6 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+
 from pp1.server.media import VIDEO_CLOCK, FrameQueue, PacedVideoTrack, frames_as_numpy
 
 

@@ -9,8 +9,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import Served, wait_ready
-from pp1.testing.fake_front import prompt_colour
 from rtc_client import RtcClient
+
+from pp1.testing.fake_front import prompt_colour
 
 pytestmark = pytest.mark.timeout(90)
 
