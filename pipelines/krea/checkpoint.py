@@ -5,8 +5,9 @@ Validation reads only the header (8 bytes of length + JSON): every tensor the pr
 present with the right shape and a float dtype, and the file is long enough for every tensor's
 data (a truncated download is refused before any rank loads). Errors name the file and the key.
 
-``fingerprint``: a digest of the header (names, dtypes, shapes, offsets) and the file size: equal
-on every rank reading the same file, different for any other file.
+``fingerprint``: a digest of the header (names, dtypes, shapes, offsets), the file size and 16
+samples of 4 KiB of the data: equal on every rank reading the same file, different for another
+file (another layout, or the same layout with other weights).
 
 ``ShardReader`` reads one rank's slices with ``safe_open(...).get_slice``: q/k/v/FFN-up by rows,
 o/FFN-down by columns, the rest whole (see the shard table in pipelines/krea/README.md).
@@ -32,6 +33,7 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+SAMPLES, SAMPLE_BYTES = 16, 4096  # data sampled into the fingerprint
 
 
 class CheckpointError(ValueError):
@@ -97,9 +99,18 @@ class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
 
     def digest(self) -> str:
+        """sha256 of the header (names, dtypes, shapes, offsets), the file size and SAMPLES of the data
+        (``SAMPLES`` reads of ``SAMPLE_BYTES`` at fixed, evenly spaced offsets): equal on every rank and
+        host reading the same bytes, different for another file even with the same layout; cheap
+        (no full read of a 28 GB file)."""
         h = hashlib.sha256()
         h.update(self.raw)
         h.update(struct.pack("<Q", self.file_size))
+        data0, data_len = 8 + len(self.raw), self.file_size - 8 - len(self.raw)
+        with open(self.path, "rb") as fh:
+            for i in range(SAMPLES):
+                fh.seek(data0 + (data_len - SAMPLE_BYTES) * i // (SAMPLES - 1) if data_len > SAMPLE_BYTES else data0)
+                h.update(fh.read(SAMPLE_BYTES))
         return h.hexdigest()[:24]
 
 

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import DTYPE_SIZES, PREFIX, expected_tensors
 from .config import KreaModelConfig
 
-_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
 
 
 def write_safetensors(
