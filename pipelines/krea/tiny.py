@@ -23,8 +23,7 @@ import torch
 from .config import get_model
 from .writer import write_random_checkpoint
 
-WORDS = ("a an the red blue green calm sea fox whale snow water deep dawn dusk running through in on at of "
-         "paper boat rainy street city night light forest river mountain sky cloud").split()
+WORDS = ["a", "an", "the", "red", "blue", "green", "calm", "sea", "fox", "whale", "snow", "water", "deep", "dawn", "dusk", "running", "through", "in", "on", "at", "of", "paper", "boat", "rainy", "street", "city", "night", "light", "forest", "river", "mountain", "sky", "cloud"]
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def write_safetensors(
             t = make(k)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise ValueError(f"{k}: made {tuple(t.shape)} {t.dtype}, declared {shape} {dtype}")
-            fh.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            fh.write(memoryview(t.detach().contiguous().cpu().view(torch.uint8).numpy()))
     return 8 + len(raw) + offset
 
 
