@@ -87,3 +87,14 @@ def test_the_fronts_reencode_rule_is_kreas_context_rule(krea, stage0) -> None:
         latents.append(out.latents)
         decoded.extend(frames)
     assert sched.reencoded == 3
+
+
+def test_the_smoke_checks_verdict_tells_video_from_noise() -> None:
+    from pp1.pipelines.krea.smoke import looks_like_video, video_stats
+
+    noise = torch.randint(0, 256, (8, 32, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(48.0), indexing="ij")
+    moving = torch.stack([(128 + 100 * torch.sin((x + 2 * t) / 8) * torch.cos(y / 9)) for t in range(8)])
+    video = moving[..., None].expand(8, 32, 48, 3).clamp(0, 255).to(torch.uint8)
+    assert not looks_like_video(video_stats(noise)) and looks_like_video(video_stats(video))
+    assert not looks_like_video(video_stats(torch.full((8, 32, 48, 3), 90, dtype=torch.uint8)))
