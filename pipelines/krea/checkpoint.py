@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +217,6 @@ class ShardReader:
         dev = str(self.device) if self.device.type != "cuda" or self.device.index is not None else "cuda:0"
         self._file = safe_open(str(info.path), framework="pt", device=dev)
         self.bytes_loaded = 0
-        self._sums: list[int] = []
 
     def close(self) -> None:
         self._file = None  # safe_open has no close(); dropping it unmaps the file
@@ -251,6 +249,3 @@ class ShardReader:
         shape = self.info.entry(name).shape
         return self._keep(name, self._slice(name)[:, start:stop], (shape[0], stop - start))
 
-
-def file_bytes(path: Path | str) -> int:
-    return os.stat(path).st_size
