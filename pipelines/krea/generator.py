@@ -1,0 +1,185 @@
+"""The Krea generator: one tensor-parallel shard of the causal DiT, loaded from the checkpoint, with
+its KV cache. One call = one chunk of T = 3 latent frames (timeline frames [3k, 3k+3) of its epoch).
+
+1. ``init_cache`` / ``reset_cache``: empty the KV cache (a new epoch).
+2. ``do_kv_recompute`` (1 generator call): empty the cache, run the n context frames (Krea: the
+   epoch's first latent or a re-encode of a decoded frame, then the 2 newest latents) at t = 0,
+   block-causal over blocks of 3 frames, RoPE positions 0..n-1, no KV bias; keep their K/V.
+3. Denoise (1 call per step): the chunk at window-relative positions n..n+2 (0..2 on an epoch's
+   first chunk) attends to the cached frames + itself, with the KV attention bias on cached frames
+   but the first. Sampler: sigma(t) = the shifted flow table's entry nearest t (= t/1000 up to the
+   table's spacing: Self-Forcing's ``FlowMatchScheduler``), x0 = x_t - sigma v; between steps
+   x = (1 - sigma') x0 + sigma' eps, eps from a generator seeded with seed + 3k (Scope's rule),
+   after the draw of the chunk's initial noise (which stage 0 made from the same seed).
+4. The last step's K/V stay as the chunk's frames (used only when the next call does not recompute).
+
+Cross-attention K/V are computed when the conditioning differs from the last one (every rank gets
+the same conditioning, so every rank decides alike), else reused.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..comm import Communicator
+from ..contract import InvalidChunkCall, check_call
+from ..interface import ChunkCall, ChunkOutput
+from ..reference.sharding import ShardPlan
+from .checkpoint import CheckpointInfo, ShardReader, validate_checkpoint
+from .config import KreaRun, flow_table
+from .memory import preflight
+from .model import KreaDiTShard, TextKV
+
+
+class FlowSigmas:
+    """sigma(t): the entry of the shifted table nearest ``t`` (Self-Forcing's ``_convert_flow_pred_to_x0``
+    and ``add_noise`` lookups: argmin |timesteps - t|)."""
+
+    def __init__(self, shift: float) -> None:
+        sigmas, timesteps = flow_table(shift)
+        self.sigmas, self.timesteps = sigmas.double(), timesteps.double()
+
+    def __call__(self, t: float) -> float:
+        return float(self.sigmas[int(torch.argmin((self.timesteps - float(t)).abs()))])
+
+
+def noise_generator(seed: int, chunk_index: int, chunk_frames: int, device: torch.device) -> torch.Generator:
+    """Scope's per-chunk generator: seeded with base_seed + the chunk's first latent frame."""
+    return torch.Generator(device=device).manual_seed((seed + chunk_index * chunk_frames) % (1 << 63))
+
+
+def draw_noise(gen: torch.Generator, shape_cthw: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One chunk-shaped draw in Scope's [T, C, h, w] order, returned as [C, T, h, w] float32."""
+    c, t, h, w = shape_cthw
+    return torch.randn((t, c, h, w), generator=gen, device=device).permute(1, 0, 2, 3)
+
+
+class KreaGenerator:
+    def __init__(
+        self,
+        run: KreaRun,
+        mesh_rank: int,
+        mesh_size: int,
+        comm: Communicator,
+        device: torch.device,
+        dtype: torch.dtype,
+        info: CheckpointInfo | None = None,
+    ) -> None:
+        if comm.size != mesh_size or comm.rank != mesh_rank:
+            raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
+        cfg = run.model
+        self.spec, self.device, self.dtype = run, torch.device(device), dtype
+        self.geometry = run.geometry(dtype)
+        self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)
+        if self.plan.local_heads < 1 or self.plan.local_ffn < 1:
+            raise ValueError(f"{cfg.name}: a mesh of {mesh_size} is larger than its {cfg.num_heads} heads")
+        # cheap checks first (header only), then the memory preflight, then the shard's bytes
+        self.info = info or validate_checkpoint(run.options.require("checkpoint"), cfg)
+        self.memory = preflight(run, self.plan, self.info, self.device, dtype, enforce=run.options.memory_check)
+        t0 = time.perf_counter()
+        reader = ShardReader(self.info, self.device, dtype)
+        with torch.inference_mode():
+            self.model = KreaDiTShard(run, self.plan, reader, comm)
+        reader.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.load_s = time.perf_counter() - t0
+        self.bytes_loaded = reader.bytes_loaded
+        self.sigma = FlowSigmas(cfg.flow_shift)
+        self.kv_bias = run.options.kv_bias
+        self._fingerprint = f"{self.info.fingerprint()}/{str(dtype).removeprefix('torch.')}"
+        self._epoch: int | None = None
+        self._text_src: torch.Tensor | None = None
+        self._text_kv: TextKV | None = None
+
+    # --- Generator interface ------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """The checkpoint's header digest (+ preset, dtype): equal on every rank reading the same file."""
+        return self._fingerprint
+
+    def reset(self) -> None:
+        self.model.cache.reset()
+        self._epoch = None
+
+    def run(self, call: ChunkCall) -> ChunkOutput:
+        check_call(call, self.geometry)
+        self._check_continuity(call)
+        with torch.inference_mode():
+            out = self._run(call)
+        out.latents = out.latents.clone()
+        return out
+
+    # --- internals ----------------------------------------------------------------------------------
+    def _check_continuity(self, call: ChunkCall) -> None:
+        cache = self.model.cache
+        if call.init_cache or call.reset_cache or call.do_kv_recompute:
+            return
+        if cache.empty:
+            raise InvalidChunkCall("call", f"chunk {call.chunk_index} (call {call.call_id}): the KV cache is empty "
+                                   "but neither init_cache, reset_cache nor do_kv_recompute is set", "cache_empty")
+        if call.cache_epoch != self._epoch:
+            raise InvalidChunkCall("call.cache_epoch", f"epoch {call.cache_epoch} but the cache holds epoch "
+                                   f"{self._epoch}; a new epoch needs init_cache or reset_cache", "epoch_mismatch")
+        start = call.chunk_index * self.geometry.latent_frames
+        if start != cache.end_frame:
+            raise InvalidChunkCall("call.chunk_index", f"chunk {call.chunk_index} starts at latent frame {start} "
+                                   f"but the cache ends at {cache.end_frame}", "not_contiguous")
+
+    def text_kv(self, conditioning: torch.Tensor) -> TextKV:
+        """Cross-attention K/V, recomputed only when the conditioning changes."""
+        cond = conditioning.to(self.device)
+        if self._text_kv is None or self._text_src is None or not torch.equal(cond, self._text_src):
+            self._text_kv = self.model.embed_text(cond)
+            self._text_src = cond.clone()
+        return self._text_kv
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _run(self, call: ChunkCall) -> ChunkOutput:
+        model, cache = self.model, self.model.cache
+        t_lat = self.geometry.latent_frames
+        start = call.chunk_index * t_lat
+        t0 = self._sync()
+        calls0 = model.forward_calls
+        if call.init_cache or call.reset_cache:
+            cache.reset()
+        self._epoch = call.cache_epoch
+        text_kv = self.text_kv(call.conditioning)
+        t1 = self._sync()
+        if call.do_kv_recompute:
+            ctx = call.context_frames
+            assert ctx is not None  # check_call
+            n = int(ctx.shape[1])
+            cache.reset()
+            model.forward(ctx.to(self.device, torch.float32), 0.0, 0, text_kv, model.recompute_attention(n))
+            cache.commit_context(n, start)
+        else:
+            cache.roll()
+        t2 = self._sync()
+        chunk_tokens = t_lat * cache.tpf
+        position = cache.next_position
+        gen = noise_generator(call.seed, call.chunk_index, t_lat, self.device)
+        draw_noise(gen, tuple(call.noise.shape), self.device)  # the chunk's initial noise (stage 0 drew it)
+        x = call.noise.to(self.device, torch.float32)
+        x0 = x
+        steps = call.timesteps
+        for i, t in enumerate(steps):
+            v = model.forward(x, float(t), position, text_kv, model.cached_attention(chunk_tokens, self.kv_bias))
+            x0 = x - self.sigma(t) * v
+            if i + 1 < len(steps):
+                nxt = self.sigma(steps[i + 1])
+                x = (1.0 - nxt) * x0 + nxt * draw_noise(gen, tuple(x.shape), self.device)
+        cache.commit_chunk(t_lat, start + t_lat)
+        t3 = self._sync()
+        return ChunkOutput(
+            latents=x0.to(getattr(torch, self.geometry.dtype)).contiguous(),
+            generator_calls=model.forward_calls - calls0,
+            current_start_frame=start + t_lat,
+            timings_ms={"text": (t1 - t0) * 1e3, "recompute": (t2 - t1) * 1e3, "denoise": (t3 - t2) * 1e3,
+                        "generator": (t3 - t0) * 1e3},
+        )
