@@ -342,11 +342,18 @@ class ChunkMachine(ProtocolMachine):
         return self.state
 
     # -- requests from outside (applied by the engine between steps) -------------------------------
-    def hard_cut(self, reason: str) -> str:
+    def hard_cut(self, reason: str, *, seed: int | None = None, recompute_every: int | None = None) -> str:
         """Prompt reset / error recovery: epoch + 1, KV cache reset, the next chunk is chunk 0 with
-        reset_cache. With a chunk in flight its result will be received and discarded."""
+        reset_cache. With a chunk in flight its result will be received and discarded. ``seed`` /
+        ``recompute_every``: the new epoch's (a stream's parameters change only at a cut)."""
         self._require("cut")
+        if recompute_every is not None and recompute_every < 0:
+            raise ValueError(f"recompute_every must be >= 0, got {recompute_every}")
         self.fire("cut")
+        if seed is not None:
+            self.seed = seed
+        if recompute_every is not None:
+            self.recompute_every = recompute_every
         self._do_cut(reason)
         return self.state
 

@@ -163,10 +163,34 @@ class StopRequested(Event):
 
 @dataclass(frozen=True)
 class CutRequested(Event):
-    """A hard cut (prompt change, reset, error recovery): a new epoch from the next chunk on."""
+    """A hard cut (prompt change, reset, error recovery): a new epoch from the next chunk on, with the new
+    ``seed`` / ``recompute_every`` when given."""
 
     HANDLER: ClassVar[str] = "on_cut_requested"
     reason: str
+    now: float
+    seed: int | None = None
+    recompute_every: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamRequested(Event):
+    """A viewer's session starts (True) or ends (False) the stream: chunks are generated only while one
+    runs (a served front starts idle: heartbeats only)."""
+
+    HANDLER: ClassVar[str] = "on_stream_requested"
+    on: bool
+    now: float
+    seed: int | None = None
+    recompute_every: int | None = None
+
+
+@dataclass(frozen=True)
+class PauseRequested(Event):
+    """Stop planning chunks (heartbeats only), keeping the cache; or resume."""
+
+    HANDLER: ClassVar[str] = "on_pause_requested"
+    paused: bool
     now: float
 
 

@@ -98,7 +98,7 @@ TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     # the chunk machine failed (deadline, tripwire, second failure in a row).
 ]
 
-Then = Literal["shutdown", "idle"]
+Then = Literal["shutdown", "idle", "serve"]  # after max_chunks (serve: none; a session starts the stream)
 FAREWELL_BOUND_S = 1.0  # the best-effort SHUTDOWN after a failure never waits longer than this
 
 
@@ -139,6 +139,7 @@ class FrontMachine(RoleMachine):
         ready_timeout_s: float = 600.0,
         max_chunks: int | None = None,
         then: Then = "shutdown",
+        streaming: bool = True,
         lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
     ) -> None:
@@ -152,6 +153,9 @@ class FrontMachine(RoleMachine):
         self.ready_timeout_s = ready_timeout_s
         self.max_chunks = max_chunks
         self.then: Then = then
+        self.streaming = streaming  # a served front starts idle until a session starts the stream
+        self.paused = False
+        self.stream_epoch = 0  # the first epoch of the running stream (frames of older ones are not its)
         self.ready: ReadyV1 | None = None
         self.shown = 0  # chunks shown (every epoch)
         self._pending: _Outstanding | None = None  # received, not decoded yet
@@ -173,6 +177,11 @@ class FrontMachine(RoleMachine):
     def done(self) -> bool:
         """A headless run has accepted its ``max_chunks``."""
         return self.max_chunks is not None and self.accepted >= self.max_chunks
+
+    @property
+    def wants_chunks(self) -> bool:
+        """Chunks are planned: a stream runs, unpaused, and a headless run is not done."""
+        return self.streaming and not self.paused and not self.done and self.max_chunks != 0
 
     # -- startup ------------------------------------------------------------------------------------
     def start(self, now: float) -> list[Intent]:
@@ -313,13 +322,33 @@ class FrontMachine(RoleMachine):
         """A signal in serving: the same as a stop request."""
         return self.on_stop_requested(now)
 
-    def on_cut_requested(self, reason: str, now: float) -> list[Intent]:
+    def on_cut_requested(self, reason: str, now: float, seed: int | None = None,
+                         recompute_every: int | None = None) -> list[Intent]:
         """A hard cut (prompt change, reset): epoch + 1; a chunk in flight is received and dropped."""
-        if self.state == SERVING and self.chunk.can_fire("cut"):
-            self.chunk.hard_cut(reason)
-        else:
-            log.warning("front rank=%d %s ignored in state %s/%s", self.rank, reason, self.state, self.chunk.state)
+        self._cut(reason, seed, recompute_every)
         return []
+
+    def on_stream_requested(self, on: bool, now: float, seed: int | None = None,
+                            recompute_every: int | None = None) -> list[Intent]:
+        """A session starts the stream (a fresh epoch and KV cache: nothing of an earlier session is
+        shown) or ends it (back to heartbeats; what is in flight is received and dropped)."""
+        if self._cut("stream started" if on else "stream stopped", seed, recompute_every):
+            self.streaming, self.paused = on, False
+            self.stream_epoch = self.chunk.cache_epoch
+        return []
+
+    def on_pause_requested(self, paused: bool, now: float) -> list[Intent]:
+        """Pause: no new chunk is planned (heartbeats keep flowing), the cache is kept; resume plans again."""
+        if self.state == SERVING and not self.is_terminal:
+            self.paused = paused
+        return []
+
+    def _cut(self, reason: str, seed: int | None, recompute_every: int | None) -> bool:
+        if self.state == SERVING and self.chunk.can_fire("cut"):
+            self.chunk.hard_cut(reason, seed=seed, recompute_every=recompute_every)
+            return True
+        log.warning("front rank=%d %s ignored in state %s/%s", self.rank, reason, self.state, self.chunk.state)
+        return False
 
     def on_wake(self, now: float) -> list[Intent]:
         """After ``Idle`` or ``NextStep`` (requests from other threads were applied meanwhile): the next step."""
@@ -353,7 +382,7 @@ class FrontMachine(RoleMachine):
         plan: ChunkPlan | None = None
         if c.state == CLOSING:
             plan = c.plan_shutdown()
-        elif c.state == IDLE and not self.done and self.max_chunks != 0:
+        elif c.state == IDLE and self.wants_chunks:
             if self._pending is not None and self._needs_decoded_first():
                 return [self._decode()]  # the frame to re-encode is in chunk k: decode it before k+1 goes
             plan = c.plan_next(now)

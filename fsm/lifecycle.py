@@ -136,6 +136,35 @@ TP_RANK0_BINDINGS: dict[str, str] = {
 
 
 SignalVerdict = Literal["drain", "ignore", "fail"]
+LoadStatus = Literal["not_loaded", "loading", "loaded", "error"]
+
+# What a lifecycle state says about loading (the server's pipeline status): before init nothing; the
+# startup states load (the state is the stage); serving and after, loaded; failed, an error.
+_LOAD_STATUS: dict[str, LoadStatus] = {
+    INIT: "not_loaded", PARITY: "loading", LOADING: "loading", VOTING: "loading", FINGERPRINT: "loading",
+    BARRIER: "loading", WARMING_CHANNELS: "loading", WARMUP: "loading", SERVING: "loaded", DRAINING: "loaded",
+    SHUTDOWN: "loaded", FAILED: "error",
+}
+STARTUP_ORDER: tuple[str, ...] = (INIT, PARITY, LOADING, VOTING, FINGERPRINT, BARRIER, WARMING_CHANNELS, WARMUP)
+
+
+def load_status(state: str) -> LoadStatus:
+    """not_loaded | loading | loaded | error, for a lifecycle state (unknown: not_loaded)."""
+    return _LOAD_STATUS.get(state, "not_loaded")
+
+
+def job_load_status(states: list[str | None]) -> tuple[LoadStatus, str | None]:
+    """The job's loading status from every rank's lifecycle state (None: not heard of yet): error when any
+    rank failed; loaded when every rank serves; else loading, at the earliest rank's stage."""
+    known = [s for s in states if s is not None]
+    if any(load_status(s) == "error" for s in known):
+        return "error", FAILED
+    if known and len(known) == len(states) and all(load_status(s) == "loaded" for s in known):
+        return "loaded", None
+    if not known or all(s == INIT for s in known):
+        return "not_loaded", None
+    stages = [s for s in known if s in STARTUP_ORDER]
+    return "loading", min(stages, key=STARTUP_ORDER.index) if stages else None
 
 
 def drain_bound_s(config: RunConfig, hosts_front: bool, deadline_s: float | None = None) -> float:
@@ -248,6 +277,11 @@ class LifecycleMachine(ProtocolMachine):
         return 1 if ok else 0
 
     # -- signals (SIGTERM / Ctrl-C) -------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Warmed up and serving (not draining, not ended)."""
+        return self.state == SERVING
+
     def signal_verdict(self) -> SignalVerdict:
         """What a signal (SIGTERM / Ctrl-C) means in this state, without changing it (the signal handler
         runs on another thread than the role's loop): ``drain`` in serving (the role's machine is asked

@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
@@ -46,10 +45,12 @@ from pp1.fsm.events import (
     CutRequested,
     Decoded,
     PairWarm,
+    PauseRequested,
     ReadyReceived,
     ResultReceived,
     Sent,
     StopRequested,
+    StreamRequested,
     Woke,
 )
 from pp1.fsm.front import FrontMachine
@@ -170,15 +171,32 @@ class FrontEngine(Executor):
 
     # -- requests from other threads -----------------------------------------------------------------
     def request_stop(self) -> None:
+        """Drain the job: finish what is in flight, SHUTDOWN through the mesh, exit 0."""
         self.post(StopRequested(self.clock()))
 
-    def request_cut(self, reason: str) -> None:
-        """A hard cut keeping the prompt (error recovery). To change the prompt use request_prompt."""
-        self.post(CutRequested(reason, self.clock()))
+    def request_cut(self, reason: str, *, seed: int | None = None, recompute_every: int | None = None,
+                    prompt: str | None = None, conditioning: torch.Tensor | None = None) -> None:
+        """A hard cut (thread-safe): a new epoch from the next chunk on; with ``conditioning``, the new
+        epoch's (a prompt change), with ``seed`` / ``recompute_every``, its parameters."""
+        self._post(CutRequested(reason, self.clock(), seed, recompute_every), prompt, conditioning)
 
     def request_prompt(self, prompt: str, conditioning: torch.Tensor | None = None) -> None:
         """Change the prompt: a hard cut with a new conditioning (thread-safe; the one way to change it).
         ``conditioning`` defaults to ``stage0.encode_prompt(prompt)``, run HERE on the caller's thread."""
+        conditioning = self.conditioning_for(prompt, conditioning)
+        self._post(CutRequested(f"prompt change to {prompt!r}", self.clock()), prompt, conditioning)
+
+    def request_stream(self, on: bool, *, seed: int | None = None, recompute_every: int | None = None,
+                       prompt: str | None = None, conditioning: torch.Tensor | None = None) -> None:
+        """Start (a fresh epoch, with this conditioning) or end the stream (thread-safe)."""
+        self._post(StreamRequested(on, self.clock(), seed, recompute_every), prompt, conditioning)
+
+    def request_pause(self, paused: bool) -> None:
+        self.post(PauseRequested(paused, self.clock()))
+
+    def conditioning_for(self, prompt: str, conditioning: torch.Tensor | None = None) -> torch.Tensor:
+        """``conditioning`` (checked), or ``stage0.encode_prompt(prompt)`` on the CALLER's thread (refused on
+        the engine's own: its heartbeats would stall while the text encoder runs)."""
         if conditioning is None:
             if threading.get_ident() == self._loop_thread:
                 raise LocalProtocolError("engine.request_prompt", "would encode the prompt on the engine's thread "
@@ -190,24 +208,32 @@ class FrontEngine(Executor):
             raise LocalProtocolError("engine.request_prompt.conditioning", f"expected {g.conditioning_shape()} "
                                      f"{g.dtype}, got {tuple(conditioning.shape)} {dtype_name(conditioning.dtype)}",
                                      "bad_conditioning")
-        self.post(_PromptChange(f"prompt change to {prompt!r}", self.clock(), prompt=prompt,
-                                conditioning=conditioning))
+        return conditioning
+
+    def _post(self, event: Event, prompt: str | None, conditioning: torch.Tensor | None) -> None:
+        if conditioning is not None:
+            self.post(_Bound(event, prompt or self.prompt, conditioning))  # type: ignore[arg-type]
+        else:
+            self.post(event)
 
     def add_sink(self, sink: FrameSink) -> None:
         self.sinks.append(sink)
 
-    def _apply_requests(self) -> None:  # a prompt change binds its conditioning to the epoch its cut opens
+    def _apply_requests(self) -> None:  # a request's conditioning is bound to the epoch its cut opens
         while True:
             try:
-                event = self._requests.get_nowait()
+                item = self._requests.get_nowait()
             except queue.Empty:
                 return
+            event = item.event if isinstance(item, _Bound) else item
             before = self.machine.chunk.cache_epoch
             out = self.machine.handle(event)
-            if isinstance(event, _PromptChange) and self.machine.chunk.cache_epoch != before:
-                self._conditioning[self.machine.chunk.cache_epoch] = event.conditioning
-                self.prompt, self.prompt_changes = event.prompt, self.prompt_changes + 1
-                emit_event("prompt", cache_epoch=self.machine.chunk.cache_epoch, prompt=event.prompt[:200])
+            epoch = self.machine.chunk.cache_epoch
+            if isinstance(item, _Bound) and epoch != before:
+                self._conditioning[epoch] = item.conditioning
+                if item.prompt != self.prompt:
+                    self.prompt, self.prompt_changes = item.prompt, self.prompt_changes + 1
+                    emit_event("prompt", cache_epoch=epoch, prompt=item.prompt[:200])
             self.pending.extendleft(reversed(out))
 
     # -- the intents --------------------------------------------------------------------------------
@@ -407,11 +433,9 @@ class FrontEngine(Executor):
 
 
 @dataclass(frozen=True)
-class _PromptChange(CutRequested):
-    """A hard cut that carries the new prompt's conditioning (bound to the epoch the cut opens)."""
+class _Bound:
+    """A request whose conditioning belongs to the epoch its cut opens (a prompt change, a stream start)."""
 
-    prompt: str = ""
-    conditioning: Any = None
-
-    def arguments(self) -> dict[str, Any]:
-        return {"reason": self.reason, "now": self.now}
+    event: Event
+    prompt: str
+    conditioning: torch.Tensor

@@ -23,11 +23,13 @@ from pydantic import ValidationError
 from pp1.pipelines.loader import DEFAULT_PIPELINE, parse_pipeline_option
 from pp1.protocol.config import RunConfig
 
-RANK, RUN, BENCH, SERVE = "rank", "run", "bench", "serve"
-COMMANDS = (RANK, RUN, BENCH, SERVE)
-JOB = frozenset(COMMANDS)  # every command that starts a job
+RANK, RUN, BENCH, SERVE, SERVE_RANK = "rank", "run", "bench", "serve", "serve_rank"
+COMMANDS = (RANK, RUN, BENCH, SERVE, SERVE_RANK)
+JOB = frozenset({RANK, RUN, BENCH, SERVE})  # every command that starts a job (and the rank entry)
 HEADLESS = frozenset({RANK, RUN})  # the front drives N chunks itself
 PROCESS = frozenset({RANK})  # knobs of one rank process, set by whoever launches it
+SERVER = frozenset({SERVE, SERVE_RANK})  # the HTTP/WebRTC server on the front rank (pp1 serve)
+LAUNCH_SERVE = frozenset({SERVE})  # how pp1 serve starts torchrun
 
 
 class InvalidOption(ValueError):
@@ -112,7 +114,8 @@ class JobOptions:
     # -- the front's headless run ------------------------------------------------------------------
     chunks: int = opt(8, "--chunks", "chunks the front drives (then --then)", to=HEADLESS, parse=int)
     then: str = opt("shutdown", "--then", "after the chunks: shut the job down, or stay idle (heartbeats) until "
-                    "SIGTERM", to=PROCESS, choices=("shutdown", "idle"))
+                    "SIGTERM; serve: no headless chunks, a stream runs while a viewer's session asks for it",
+                    to=PROCESS, choices=("shutdown", "idle", "serve"))
     prompt: str = opt("a calm sea at dawn", "--prompt", "the prompt", to=HEADLESS | {SERVE})
     prompt_changes: list[str] = opt([], "--prompt-change", 'after CHUNK shown chunks change the prompt to TEXT '
                                     '(a hard cut: new epoch, the chunk in flight is dropped); repeatable, e.g. '
@@ -136,6 +139,26 @@ class JobOptions:
     # -- the launcher ------------------------------------------------------------------------------
     timeout_s: float = opt(900.0, "--timeout-s", "bound on the whole job, startup included (bench: each "
                            "configuration's job)", to={RUN, BENCH}, parse=float)
+    # -- the server (pp1 serve) ----------------------------------------------------------------------
+    host: str = opt("127.0.0.1", "--host", "the server's bind address (127.0.0.1 unless told otherwise)", to=SERVER)
+    port: int = opt(8000, "--port", "the server's port (0: any free port)", to=SERVER, parse=int)
+    fps: float = opt(16.0, "--fps", "the stream's frame rate at the browser (frames are paced at it)", to=SERVER,
+                     parse=float)
+    max_viewers: int = opt(16, "--max-viewers", "peers at once: the session and its watchers", to=SERVER, parse=int)
+    max_restarts: int = opt(0, "--max-restarts", "torchrun restarts the whole job after a failure this many times "
+                            "(the viewer page reconnects)", to=LAUNCH_SERVE, parse=int)
+    nnodes: int = opt(1, "--nnodes", "hosts of the job (torchrun agents); more than 1 needs --rdzv-endpoint",
+                      to=LAUNCH_SERVE, parse=int)
+    nproc_per_node: int | None = opt(None, "--nproc-per-node", "ranks on this host (default: the whole job on one "
+                                     "host; with --nnodes, the front's host runs 1, the mesh's M)", to=LAUNCH_SERVE,
+                                     parse=int)
+    node_rank: int | None = opt(None, "--node-rank", "this host's rank (static rendezvous; the front's host is 0)",
+                                to=LAUNCH_SERVE, parse=int)
+    rdzv_backend: str = opt("c10d", "--rdzv-backend", "torchrun's rendezvous (c10d, or static with --node-rank)",
+                            to=LAUNCH_SERVE, choices=("c10d", "static"))
+    rdzv_endpoint: str | None = opt(None, "--rdzv-endpoint", "HOST:PORT of the rendezvous (every host the same)",
+                                    to=LAUNCH_SERVE)
+    rdzv_id: str = opt("pp1", "--rdzv-id", "the job's id at the rendezvous", to=LAUNCH_SERVE)
 
     # -- derived -----------------------------------------------------------------------------------
     def resolved_dtype(self) -> str:
@@ -213,11 +236,13 @@ def from_namespace(ns: argparse.Namespace, cls: type[JobOptions] = JobOptions, *
     return cls(**{**values, **extra})
 
 
-def rank_argv(opts: JobOptions, world_size: int | None = None) -> list[str]:
-    """The argv every rank of ``opts``'s job gets (``--tp`` resolved)."""
+def rank_argv(opts: JobOptions, world_size: int | None = None, commands: frozenset[str] = frozenset({RANK})
+              ) -> list[str]:
+    """The argv every rank of ``opts``'s job gets (``--tp`` resolved): the options of the rank entry
+    (``commands``: RANK, plus SERVE_RANK for pp1 serve's)."""
     out: list[str] = []
     for f, s in specs():
-        if RANK not in s.to:
+        if not s.to & commands:
             continue
         v = getattr(opts, f.name)
         if f.name == "tp":

@@ -16,7 +16,9 @@ from pp1.protocol.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from pp1.adapters.front.engine import FrameSink, FrontEngine
+    from pp1.adapters.front.report import EngineOutcome
     from pp1.adapters.rank.executor import Executor
+    from pp1.adapters.rank.progress import ProgressBoard
 
 
 @dataclass
@@ -35,6 +37,8 @@ class RankContext:
     executor: Executor | None = None  # the loop that owns the rank's channels, once serving starts
     engine: FrontEngine | None = None  # the front's engine (front and pure-TP rank 0)
     frame_sinks: list[FrameSink] = field(default_factory=list)  # who sees the shown chunks (the server)
+    outcome_sinks: list[Callable[[EngineOutcome], None]] = field(default_factory=list)  # told how the stream ended
+    progress: ProgressBoard | None = None  # every rank's progress, through the job's store
 
     @property
     def pipeline(self) -> LoadedPipeline:

@@ -48,7 +48,8 @@ def front_machine(ctx: RankContext, *, ping: bool, overlap: bool) -> FrontMachin
     return FrontMachine(
         ctx.rt.rank, chunk=chunk_machine(ctx), geometry=ctx.pipeline.geometry, overlap=overlap, ping=ping,
         warm_timeout_s=4 * ctx.config.watchdog_s, ready_timeout_s=opts.ready_timeout_s,
-        max_chunks=opts.chunks, then=opts.then, lifecycle=ctx.lifecycle,
+        max_chunks=None if opts.then == "serve" else opts.chunks, then=opts.then,
+        streaming=opts.then != "serve", lifecycle=ctx.lifecycle,
         role=ctx.rt.role,
     )
 
@@ -111,6 +112,8 @@ def _serve(ctx: RankContext, machine: FrontMachine, channel: FrontEnd, ready_at:
     finally:
         if dump is not None:
             dump.close()
+    for tell in ctx.outcome_sinks:
+        tell(outcome)
     ready_at = engine.ready_at if engine.ready_at is not None else ready_at
     if machine.ready is not None:
         warmup_ms = list(machine.ready.warmup_ms)

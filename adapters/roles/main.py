@@ -26,6 +26,7 @@ from pp1.adapters.rank.faults import FaultPlan, record
 from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
 from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.peak_memory import emit_peak_memory
+from pp1.adapters.rank.progress import ProgressBoard
 from pp1.adapters.rank.startup import LoadedPipeline, RankExit, geometry_for, run_startup, torch_dtype_of
 from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
@@ -42,9 +43,11 @@ log = logging.getLogger("pp1.adapters.roles.main")
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description=__doc__)
-    options.add_arguments(p, options.RANK)
+def build_parser(commands: tuple[str, ...] = (options.RANK,), prog: str | None = None) -> argparse.ArgumentParser:
+    """The rank entry's options: the table's ``rank`` ones (plus ``serve_rank`` for pp1 serve's ranks)."""
+    p = argparse.ArgumentParser(prog=prog or f"python -m {__name__}", description=__doc__)
+    for command in commands:
+        options.add_arguments(p, command)
     return p
 
 
@@ -104,21 +107,26 @@ class Exiter:
             os._exit(code)
 
 
-def _observe(faults: FaultPlan) -> Callable[[ProtocolMachine, str, str], None]:
-    """The lifecycle's observer: the state on every log line, a progress event per phase, and the fault
-    point of each phase entered (``at=warmup``: on entering warmup)."""
+def _observe(faults: FaultPlan, board: ProgressBoard, role: str) -> Callable[[ProtocolMachine, str, str], None]:
+    """The lifecycle's observer: the state on every log line, a progress event per phase (stdout and the
+    job's store), and the fault point of each phase entered (``at=warmup``: on entering warmup)."""
 
-    def on_change(_machine: ProtocolMachine, _event: str, state: str) -> None:
+    def on_change(machine: ProtocolMachine, _event: str, state: str) -> None:
         set_state(state)
         emit_event("phase", phase=state)
+        cause = machine.failure
+        board.publish(role=role, state=state, cause=None if cause is None else {
+            "rank": cause.rank, "phase": cause.phase, "reason": cause.reason, "kind": cause.kind})
         faults.check(state)
 
     return on_change
 
 
-def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] | None = None) -> int:
-    """Run this rank. ``ctx_hook`` sees the rank's context before startup (the server attaches here)."""
-    opts: JobOptions = options.from_namespace(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> int:
+    """Run this rank. ``ctx_hook`` sees the rank's context before startup (the server attaches here);
+    ``parser``: the entry's options (default: the rank's)."""
+    opts: JobOptions = options.from_namespace((parser or build_parser()).parse_args(argv))
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, "?", opts.log_level)
     try:
@@ -132,10 +140,17 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
     setup_logging(rank, rt.role, opts.log_level)
     exiter = Exiter(rt, opts.teardown_s)
     lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
-    lc.watch(_observe(faults))
-    ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults)
+    board = ProgressBoard(rank, rt.world_size)
+    board.publish(role=rt.role, state=lc.state, pid=os.getpid())
+    lc.watch(_observe(faults, board, rt.role))
+    ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults, progress=board)
     if ctx_hook is not None:
-        ctx_hook(ctx)
+        try:
+            ctx_hook(ctx)
+        except Exception as exc:  # e.g. the server's port is taken: nothing distributed started yet
+            log.error("cannot start: %s", exc)
+            emit_event("failed", reason=f"cannot start: {exc}", phase=lc.state)
+            exiter(EXIT_USAGE, f"cannot start: {exc}", crash=True)
     emit_event("phase", phase=lc.state, mesh_rank=rt.mesh_rank)
     done = threading.Event()
     outcome: dict[str, Any] = {}
