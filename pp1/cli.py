@@ -9,8 +9,9 @@ import sys
 
 # name -> (module, one-line help). Each module has add_arguments(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("pp1.adapters.launch.launcher", "launch the whole job through torchrun and drive N chunks headless"),
-    "bench": ("pp1.adapters.launch.bench", "run configurations one after another; write JSON and a Markdown table"),
+    "serve": ("pp1.serve_cmd", "serve the model: the job through torchrun, the viewer page and API on rank 0"),
+    "run": ("pp1.run_cmd", "launch the whole job through torchrun and drive N chunks headless"),
+    "bench": ("pp1.bench_cmd", "run configurations one after another; write JSON and a Markdown table"),
     "diagrams": ("pp1.diagrams_cmd", "write the state diagrams in specs/ (--check: fail when they drift)"),
 }
 

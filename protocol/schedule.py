@@ -83,9 +83,16 @@ def decode_before_next(chunk_index: int, latent_frames: int, context_frames: int
     return s is not None and s >= decoded_upto
 
 
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None when empty. The one percentile rule of the project (the
+    front's deadline, the reports, the bench)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(1, math.ceil(q / 100 * len(ordered)))
+    return float(ordered[min(k, len(ordered)) - 1])
+
+
 def p99(samples: Sequence[float]) -> float:
     """Nearest-rank 99th percentile (0.0 for no samples)."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+    return percentile(samples, 99) or 0.0

@@ -11,10 +11,10 @@ Python API for the bench: ``launch(LaunchOptions(...)) -> RunReport``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -110,26 +110,37 @@ def _first_failure(events: list[dict[str, Any]]) -> tuple[int | None, str | None
     return e.get("rank"), f"rank {e.get('rank')} ({e.get('role')}): {e.get('reason')}"
 
 
-def launch(
-    opts: LaunchOptions,
+@dataclass
+class Supervised:
+    """What a supervised torchrun did: its exit code, every PP1-EVENT, the last log lines."""
+
+    code: int | None
+    events: list[dict[str, Any]]
+    tail: list[str]
+    asked_to_stop: bool
+    wall_s: float
+
+
+def supervise(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    timeout_s: float | None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_log: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
-) -> RunReport:
-    """Run the job to its end. ``on_event`` sees every PP1-EVENT; ``on_log`` every other line;
-    setting ``stop`` asks the job to drain (SIGTERM to torchrun). Raises InvalidOption, having
-    started nothing, for options that cannot work."""
-    check_options(opts)
-    tmpdir = tempfile.mkdtemp(prefix="pp1-run-")
-    report_json = opts.report_json or os.path.join(tmpdir, "report.json")
-    env = {**os.environ, **opts.env}
+    stop_bound_s: float = 60.0,
+) -> Supervised:
+    """Run ``command`` (torchrun) in its own session to its end, reading the ranks' PP1-EVENT lines.
+    ``stop`` set: SIGTERM to torchrun (it forwards it to every rank: an orderly drain), then a bound.
+    ``timeout_s`` passed: SIGTERM, then SIGKILL. Every path ends with no rank left behind: torchrun starts
+    each rank in its own session, so the ranks that never said goodbye are killed by pid."""
+    env = {**env}
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        opts.command(report_json), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        env=env, start_new_session=True,
-    )
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            start_new_session=True)
     events: list[dict[str, Any]] = []
     tail: collections.deque[str] = collections.deque(maxlen=80)
 
@@ -149,151 +160,71 @@ def launch(
 
     rd = threading.Thread(target=reader, daemon=True)
     rd.start()
-    deadline = t0 + opts.timeout_s
+    deadline = math.inf if timeout_s is None else t0 + timeout_s
     asked_to_stop = False
     try:
         while proc.poll() is None:
             if stop is not None and stop.is_set() and not asked_to_stop:
                 asked_to_stop = True
                 _signal_group(proc, signal.SIGTERM)
-                deadline = min(deadline, time.monotonic() + 60)
+                deadline = min(deadline, time.monotonic() + stop_bound_s)
             if time.monotonic() > deadline:
-                tail.append(f"launcher: job still running after its bound ({opts.timeout_s:.0f} s): killing it")
+                tail.append(f"launcher: job still running after its bound ({timeout_s} s): killing it")
                 _signal_group(proc, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
                 break
             time.sleep(0.1)
     finally:
-        forced = proc.poll() is None or time.monotonic() > deadline
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
             proc.wait(10)
-        if forced:  # torchrun starts each rank in its own session: kill the ones that never said goodbye
-            exited = {e.get("pid") for e in events if e.get("event") == "exit"}
-            for pid in {e["pid"] for e in events if isinstance(e.get("pid"), int)} - exited:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
         rd.join(5)
-    code = proc.returncode
+        _kill_leftovers(events)
+    return Supervised(proc.returncode, events, list(tail), asked_to_stop, time.monotonic() - t0)
+
+
+def _kill_leftovers(events: list[dict[str, Any]]) -> None:
+    """Every rank that reported a pid and no exit is killed (it outlived torchrun, or torchrun was killed)."""
+    exited = {e.get("pid") for e in events if e.get("event") == "exit"}
+    for pid in {e["pid"] for e in events if isinstance(e.get("pid"), int)} - exited:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def launch(
+    opts: LaunchOptions,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> RunReport:
+    """Run the job to its end. ``on_event`` sees every PP1-EVENT; ``on_log`` every other line;
+    setting ``stop`` asks the job to drain (SIGTERM to torchrun). Raises InvalidOption, having
+    started nothing, for options that cannot work."""
+    check_options(opts)
+    tmpdir = tempfile.mkdtemp(prefix="pp1-run-")
+    report_json = opts.report_json or os.path.join(tmpdir, "report.json")
+    sup = supervise(opts.command(report_json), {**os.environ, **opts.env}, timeout_s=opts.timeout_s,
+                    on_event=on_event, on_log=on_log, stop=stop)
+    events, code = sup.events, sup.code
     report: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError), open(report_json) as f:
         report = json.load(f)
     rank, failure = _first_failure(events)
     exits = [e for e in events if e.get("event") == "exit"]
     # torchrun exits non-zero when it forwarded our SIGTERM; the ranks' own exits tell the truth
-    drained = asked_to_stop and len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)
+    drained = sup.asked_to_stop and len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)
     ok = (code == 0 or drained) and bool(report.get("ok")) and failure is None
     if not ok and failure is None:
         failure = report.get("reason") or f"torchrun exited {code}"
     return RunReport(
-        ok=ok, exit_code=0 if ok else (code or 1), wall_s=time.monotonic() - t0,
+        ok=ok, exit_code=0 if ok else (code or 1), wall_s=sup.wall_s,
         chunks=report.get("chunks", []), summary=report.get("summary", {}), startup_s=report.get("startup_s"),
         warmup_ms=report.get("warmup_ms", []), failure=None if ok else failure, failing_rank=None if ok else rank,
-        events=events, log_tail=list(tail), report=report,
+        events=events, log_tail=sup.tail, report=report,
     )
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-
-
-# -- the CLI --------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    options.add_arguments(p, options.RUN)
-    p.add_argument("--verbose", "-v", action="store_true", help="show the ranks' logs")
-
-
-def options_from_args(args: argparse.Namespace) -> LaunchOptions:
-    return options.from_namespace(args, LaunchOptions)  # type: ignore[return-value]
-
-
-def _fmt(v: Any, unit: str = "ms", width: int = 7) -> str:
-    return f"{v:{width}.1f} {unit}" if isinstance(v, (int, float)) else f"{'-':>{width}} {unit}"
-
-
-class _Printer:
-    def __init__(self, out: Any = None) -> None:
-        self.out = out or sys.stdout
-        self.seen: set[tuple[int, str]] = set()
-
-    def __call__(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event")
-        rank, role = ev.get("rank"), ev.get("role")
-        if kind == "phase" and ev.get("phase") in STARTUP_PHASES:
-            key = (int(rank or 0), str(ev.get("phase")))
-            if key not in self.seen:
-                self.seen.add(key)
-                self.p(f"[startup] rank {rank} {role}: {ev.get('phase')}")
-        elif kind == "ready":
-            self.p(f"[ready] mesh of {ev.get('mesh_size')} ready after {ev.get('startup_s', 0):.2f} s "
-                   f"(warmup {', '.join(f'{x:.0f}' for x in ev.get('warmup_ms', []))} ms)")
-        elif kind == "chunk" and not ev.get("shown", True):
-            self.p(f"chunk {ev.get('chunk_index'):3d} epoch {ev.get('cache_epoch')}  (stale) dropped by the epoch "
-                   f"fence, never decoded or shown  mesh {_fmt(ev.get('mesh_ms'))}  round trip "
-                   f"{_fmt(ev.get('round_trip_ms'))}{'  recompute' if ev.get('recompute') else ''}")
-        elif kind == "chunk":
-            self.p(f"chunk {ev.get('chunk_index'):3d} epoch {ev.get('cache_epoch')}  period {_fmt(ev.get('period_ms'))}"
-                   f"  mesh {_fmt(ev.get('mesh_ms'))}  decode {_fmt(ev.get('decode_ms'))}"
-                   f"  pp overhead {_fmt(ev.get('pp_overhead_ms'))}  round trip {_fmt(ev.get('round_trip_ms'))}"
-                   f"{'  recompute' if ev.get('recompute') else ''}")
-        elif kind == "prompt":
-            self.p(f"[prompt] epoch {ev.get('cache_epoch')}: {ev.get('prompt')!r}")
-        elif kind == "refused":
-            self.p(f"[refused] chunk {ev.get('chunk_index')}: {ev.get('reason')}")
-        elif kind == "failed":
-            self.p(f"[failed] rank {rank} {role}: {ev.get('reason')}")
-        elif kind == "summary":
-            fps = ev.get("video_fps")
-            ttff = ev.get("time_to_first_frame_s")
-            stale = int(ev.get("stale") or 0)
-            epochs = int(ev.get("epochs") or 1)
-            chunks = f"{ev.get('chunks')} chunks" + (f" in {epochs} epochs" if epochs > 1 else "")
-            dropped = f", {stale} stale result{'' if stale == 1 else 's'} dropped" if stale else ""
-            video = f", {ev.get('frames')} frames, video {fps:.2f} fps" if isinstance(fps, (int, float)) else ""
-            self.p(f"summary: {chunks}{video}{dropped}")
-            self.p(f"         period p50 {_fmt(ev.get('period_p50_ms'), width=1)}, p99 "
-                   f"{_fmt(ev.get('period_p99_ms'), width=1)}, time to first frame "
-                   f"{f'{ttff:.3f} s' if isinstance(ttff, (int, float)) else '-'}")
-
-    def p(self, s: str) -> None:
-        print(s, file=self.out, flush=True)
-
-
-def main(args: argparse.Namespace) -> int:
-    opts = options_from_args(args)
-    try:
-        check_options(opts)
-    except InvalidOption as exc:
-        print(f"pp1 run: invalid option {exc}", file=sys.stderr)
-        return 2
-    printer = _Printer()
-    print(f"pp1 run: {opts.topology} with {opts.tp} mesh rank(s), {opts.nproc} process(es), device {opts.device}, "
-          f"preset {opts.preset}, {opts.chunks} chunks, context {opts.context_source}"
-          f"{''.join(f', prompt change {c}' for c in opts.prompt_changes)}", flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            return
-        print("pp1 run: stopping (draining the job)...", file=sys.stderr, flush=True)
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rep = launch(opts, on_event=printer, on_log=(lambda s: print(s, file=sys.stderr)) if args.verbose else None,
-                     stop=stop)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if rep.ok:
-        print(f"pp1 run: ok ({rep.wall_s:.1f} s)", flush=True)
-        return 0
-    if not args.verbose:
-        for line in rep.log_tail[-25:]:
-            print(line, file=sys.stderr)
-    print(f"pp1 run: FAILED (exit {rep.exit_code}): {rep.failure}", file=sys.stderr, flush=True)
-    return rep.exit_code or 1

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 EVENT_PREFIX = "PP1-EVENT "
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)  # torchrun's restart of the job
 
 
 class RankContext:
@@ -60,7 +61,8 @@ def set_state(state: str) -> None:
 
 def emit_event(event: str, **fields: Any) -> None:
     """One ``PP1-EVENT`` line on stdout (flushed), for the launcher."""
-    payload = {"event": event, "rank": CTX.rank, "role": CTX.role, "t": time.time(), "pid": os.getpid(), **fields}
+    payload = {"event": event, "rank": CTX.rank, "role": CTX.role, "t": time.time(), "pid": os.getpid(),
+               "attempt": ATTEMPT, **fields}
     sys.stdout.write(EVENT_PREFIX + json.dumps(payload, default=str) + "\n")
     sys.stdout.flush()
 

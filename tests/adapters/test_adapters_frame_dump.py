@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pp1 import run_cmd as launcher
 from pp1.adapters.front.engine import FrameBatch
 from pp1.adapters.front.frame_dump import FrameDump, frames_path, latents_path
-from pp1.adapters.launch import launcher
 from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
 from pp1.adapters.rank.options import check_dump_dir
 from pp1.pipelines.comm import SoloCommunicator
