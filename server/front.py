@@ -239,7 +239,8 @@ class RankFront:
         states[ctx.rt.rank] = mine
         ranks = tuple(
             RankStatus(rank=r, role=(e or {}).get("role") or ctx.config.role_of(r), state=states[r] or "starting",
-                       last_error=(_cause(e).reason if _cause(e) else None), cause=_cause(e))
+                       last_error=(_cause(e).reason if _cause(e) else None), cause=_cause(e),
+                       pid=(e or {}).get("pid"))
             for r, e in enumerate(entries))
         status, stage = job_load_status(states)
         failure = self._own_cause() or next((r.cause for r in ranks if r.cause is not None), None)

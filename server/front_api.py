@@ -164,6 +164,7 @@ class RankStatus(_Frozen):
     phase: str | None = Field(default=None, description="finer progress inside the state (e.g. a loading stage)")
     last_error: str | None = None
     cause: Cause | None = None
+    pid: int | None = Field(default=None, description="the rank's process id (on its host)")
 
 
 class PipelineLoad(_Frozen):

@@ -295,7 +295,8 @@ class FrontEngine(Executor):
         except LocalProtocolError as err:
             self._refused(env, err)
             raise
-        log.info("sent %s call_id=%d chunk_index=%d cache_epoch=%d recompute=%s", env.action.value, env.call_id,
+        (log.info if env.action is Action.INFER else log.debug)(
+            "sent %s call_id=%d chunk_index=%d cache_epoch=%d recompute=%s", env.action.value, env.call_id,
                  env.chunk_index, env.cache_epoch, env.do_kv_recompute)
         if env.action is Action.INFER:
             self.faults.check(f"sent:{env.chunk_index}")

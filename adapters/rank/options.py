@@ -27,7 +27,7 @@ RANK, RUN, BENCH, SERVE, SERVE_RANK = "rank", "run", "bench", "serve", "serve_ra
 COMMANDS = (RANK, RUN, BENCH, SERVE, SERVE_RANK)
 JOB = frozenset({RANK, RUN, BENCH, SERVE})  # every command that starts a job (and the rank entry)
 HEADLESS = frozenset({RANK, RUN})  # the front drives N chunks itself
-PROCESS = frozenset({RANK})  # knobs of one rank process, set by whoever launches it
+PROCESS = frozenset({RANK, SERVE})  # knobs of one rank process (pp1 serve passes them on)
 SERVER = frozenset({SERVE, SERVE_RANK})  # the HTTP/WebRTC server on the front rank (pp1 serve)
 LAUNCH_SERVE = frozenset({SERVE})  # how pp1 serve starts torchrun
 
@@ -115,7 +115,7 @@ class JobOptions:
     chunks: int = opt(8, "--chunks", "chunks the front drives (then --then)", to=HEADLESS, parse=int)
     then: str = opt("shutdown", "--then", "after the chunks: shut the job down, or stay idle (heartbeats) until "
                     "SIGTERM; serve: no headless chunks, a stream runs while a viewer's session asks for it",
-                    to=PROCESS, choices=("shutdown", "idle", "serve"))
+                    to={RANK}, choices=("shutdown", "idle", "serve"))
     prompt: str = opt("a calm sea at dawn", "--prompt", "the prompt", to=HEADLESS | {SERVE})
     prompt_changes: list[str] = opt([], "--prompt-change", 'after CHUNK shown chunks change the prompt to TEXT '
                                     '(a hard cut: new epoch, the chunk in flight is dropped); repeatable, e.g. '

@@ -46,7 +46,7 @@ class ProgressBoard:
         self._lock = threading.Lock()
         self.latest: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._publish_loop, name="pp1-progress", daemon=True)
-        if self.port:
+        if self.port and env.get("PP1_PROGRESS", "1") != "0":
             self._thread.start()
 
     # -- this rank ------------------------------------------------------------------------------------

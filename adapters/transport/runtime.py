@@ -190,12 +190,24 @@ class DistributedRuntime:
         default_backend = "cpu:gloo,cuda:nccl" if dev_backend == "nccl" else dev_backend
         if not dist.is_initialized():
             dist.init_process_group(
-                backend=default_backend, rank=self.rank, world_size=self.world_size, timeout=self._timeout
+                backend=default_backend, store=self._attempt_store(), rank=self.rank, world_size=self.world_size,
+                timeout=self._timeout,
             )
         self.groups.world_cpu = dist.new_group(
             list(range(self.world_size)), backend=self.config.control_backend, timeout=self._timeout
         )
         return self.groups.world_cpu
+
+    def _attempt_store(self) -> Any:
+        """The job's key-value store, its keys prefixed by torchrun's restart count. torchrun (2.13) keeps
+        its agent's store across a restart without a prefix of its own, so a restarted job read the
+        addresses of the attempt before it and hung in init (seen: gloo "Connection refused" to a dead
+        rank). Under torchrun the agent hosts the store; otherwise rank 0 does."""
+        env = os.environ
+        agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), self.world_size,
+                              is_master=not agent and self.rank == 0, timeout=self._timeout)
+        return dist.PrefixStore(f"pp1/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
     def init_groups(self) -> Groups:
         """Every topology-dependent group, in ONE fixed order on every rank (call after parity:
