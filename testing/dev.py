@@ -1,8 +1,6 @@
 """The server on a stand-in front, to try it by hand: ``python -m pp1.testing.dev [--port 8000]``.
 
-``--front fake`` (default): no model; frames coloured by the prompt's colour word, a moving bar.
-``--front reference``: the reference pipeline in this process (``--preset tiny``, ``--tp N`` shards
-in threads): real (random-weight) frames, no torchrun.
+No model: frames coloured by the prompt's colour word, a moving bar (the real job: ``pp1 serve``).
 """
 
 from __future__ import annotations
@@ -18,15 +16,12 @@ from .fake_front import FakeFront
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pp1.testing.dev", description=__doc__)
-    p.add_argument("--front", choices=["fake", "reference"], default="fake")
-    p.add_argument("--preset", default="tiny", help="--front reference: the reference preset")
-    p.add_argument("--tp", type=int, default=1, help="--front reference: generator shards (threads)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="bearer token for state-changing routes (or $PP1_TOKEN)")
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--height", type=int, default=256)
-    p.add_argument("--fps", type=float, default=None, help="stream fps (fake: 24, reference: 16)")
+    p.add_argument("--fps", type=float, default=24.0, help="stream fps")
     p.add_argument("--chunk-frames", type=int, default=12)
     p.add_argument("--mesh-size", type=int, default=2)
     p.add_argument("--topology", choices=["pp1", "tp"], default="pp1")
@@ -35,14 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    front: FakeFront
-    if args.front == "reference":
-        from .reference_front import ReferenceFront
-
-        front = ReferenceFront(preset=args.preset, tp=args.tp, fps=args.fps or 16.0, startup_s=args.startup_s)
-    else:
-        front = FakeFront(width=args.width, height=args.height, fps=args.fps or 24.0, chunk_frames=args.chunk_frames,
-                          mesh_size=args.mesh_size, topology=args.topology, startup_s=args.startup_s)
+    front = FakeFront(width=args.width, height=args.height, fps=args.fps, chunk_frames=args.chunk_frames,
+                      mesh_size=args.mesh_size, topology=args.topology, startup_s=args.startup_s)
     settings = ServerSettings.from_env(host=args.host, port=args.port, token=args.token,
                                        max_viewers=args.max_viewers)
     try:

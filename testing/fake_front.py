@@ -139,7 +139,7 @@ class FakeFront:
         self._load_error: str | None = None
         self._fail_startup: tuple[int, str] | None = None
         self._next_at = 0.0
-        self._mesh_ms: float | None = None  # measured by a front that renders for real (ReferenceFront)
+        self._mesh_ms: float | None = None  # none: the fake renders nothing
         self._decode_ms: float | None = None
         self._thread = threading.Thread(target=self._run, name="fake-front-comms", daemon=True)
         self._thread.start()

@@ -1,5 +1,5 @@
-"""Fixtures of the server tests: a front (the fake; the real 3-rank job can be swapped in by
-overriding ``front``) and the server on it, uvicorn in a thread on 127.0.0.1 and a free port."""
+"""Fixtures of the server tests: the fake front and the server on it, uvicorn in a thread on 127.0.0.1 and
+a free port (the real 3-rank job: ``pp1.testing.served_job``)."""
 
 from __future__ import annotations
 
@@ -49,20 +49,9 @@ def server_options() -> dict[str, Any]:
 
 
 @pytest.fixture
-def front_kind() -> str:
-    """Which front the server runs on: "fake" (default) or "reference" (the reference pipeline in
-    process); the real job (pp1 serve) plugs in by overriding ``front`` / ``served``."""
-    return "fake"
-
-
-@pytest.fixture
-def front(front_kind: str, front_options: dict[str, Any]) -> Iterator[Any]:
-    if front_kind == "reference":
-        from pp1.testing.reference_front import ReferenceFront
-
-        f: Any = ReferenceFront(**{"preset": "micro", **front_options})
-    else:
-        f = FakeFront(**{"width": 64, "height": 64, "fps": 24.0, "chunk_frames": 12, **front_options})
+def front(front_options: dict[str, Any]) -> Iterator[Any]:
+    """The fake front (the real job: ``pp1.testing.served_job``, in test_server_real_job.py)."""
+    f = FakeFront(**{"width": 64, "height": 64, "fps": 24.0, "chunk_frames": 12, **front_options})
     try:
         yield f
     finally:

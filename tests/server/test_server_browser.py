@@ -140,3 +140,54 @@ def test_viewer_page_streams_changes_prompt_and_reconnects_after_a_restart() -> 
         front.close()
         if second_front is not None:
             second_front.close()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_viewer_page_plays_the_real_job_and_reconnects_after_the_job_restarts() -> None:
+    """``pp1 serve`` (1 front + 2 mesh ranks, CPU, tiny): the page starts the stream, frames play; the leader
+    is SIGKILLed: the page says the stream ended, torchrun restarts the job, the page reconnects by itself."""
+    import signal as _signal
+
+    from pp1.testing.served_job import served_job
+
+    sync_api = _browser()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    fast = ["--heartbeat-s", "0.5", "--watchdog-s", "2.5", "--deadline-floor-s", "4", "--max-restarts", "1"]
+    with served_job("--tp", "2", *fast) as job:
+        job.wait_ready()
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 760})
+                page.goto(job.url)
+                page.wait_for_function("() => document.getElementById('ready').textContent === 'ready'", timeout=30000)
+                assert "random weights" in page.inner_text("#notice")
+                assert "reference" in page.inner_text("#job")
+                page.fill("#prompt", "a lighthouse at night")
+                t_start = time.monotonic()
+                page.click("#start")
+                first = _wait(page, lambda s: s["t"] > 0.2 and s["kind"] == "session", 60, "video playing")
+                first_frame_s = time.monotonic() - t_start
+                later = _wait(page, lambda s: s["t"] > first["t"] + 2.0, 20, "currentTime advancing")
+                steady = _wait(page, lambda s: s["fps"] is not None and s["t"] > first["t"] + 3, 20, "fps")
+                assert later["frames"] > first["frames"]
+                rows = page.inner_text("#ranks")
+                assert rows.count("serving") == 3, rows
+                shot = ARTIFACTS / "viewer-real-job.png"
+                page.screenshot(path=str(shot))
+                os.kill(job.rank_pids()[1], _signal.SIGKILL)
+                t_kill = time.monotonic()
+                page.wait_for_function("() => document.getElementById('log').innerText.includes('stream ended')",
+                                       timeout=20000)
+                back = _wait(page, lambda s: s["id"] is not None and s["id"] != steady["id"]
+                             and s["t"] > 1.0, 120, "reconnected after the job restarted")
+                reconnect_s = time.monotonic() - t_kill
+                page.screenshot(path=str(ARTIFACTS / "viewer-real-job-after-restart.png"))
+                assert back["frames"] > 0
+            finally:
+                browser.close()
+        print(f"\nreal job: first frame in the browser {first_frame_s:.2f} s after Start; browser fps "
+              f"{steady['fps']:.1f} (stream fps 16); reconnected {reconnect_s:.1f} s after SIGKILL of the leader")
+        print(f"screenshot: {shot}")
+        assert job.stop(_signal.SIGINT, timeout_s=30) == 0, job.output()[-3000:]
