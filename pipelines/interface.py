@@ -91,7 +91,9 @@ class PipelineFactory(Protocol):
     """What a pipeline must provide. Optional: ``with_options(options: dict[str, str]) ->
     PipelineFactory``, the factory configured by ``--pipeline-option KEY=VALUE`` (parity-checked as
     ``RunConfig.pipeline_options``; raise ``pp1.pipelines.loader.PipelineOptionError(key, reason)``
-    for a key or value it refuses). Without it, a run with options is refused before it starts."""
+    for a key or value it refuses). Without it, a run with options is refused before it starts.
+    Optional: ``check_mesh_size(preset, mesh_size)`` raising ValueError when the model cannot be
+    sharded over that many ranks (asked before any process starts)."""
 
     name: str
 

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .messages import PROTOCOL_VERSION
 
 Topology = Literal["pp1", "tp"]
+MAX_WARMUP_CHUNKS = 64
+MAX_SEED = 2**63 - 1 - MAX_WARMUP_CHUNKS
 Role = Literal["front", "leader", "worker", "tp_rank0"]
 
 
@@ -31,13 +33,14 @@ class RunConfig(BaseModel):
     control_backend: str = "gloo"
     compile: bool = False
     protocol_version: int = PROTOCOL_VERSION
-    seed: int = 0
-    recompute_every: int = Field(default=1, ge=0)  # K: recompute every K chunks (0 = never)
-    heartbeat_s: float = Field(default=1.0, gt=0)  # H
-    watchdog_s: float = Field(default=5.0, gt=0)  # W > 3 H
-    deadline_floor_s: float = Field(default=30.0, gt=0)
-    deadline_factor: float = Field(default=4.0, gt=1)  # c in max(c * p99, floor)
-    warmup_chunks: int = Field(default=1, ge=0)
+    # every number has a sane, finite range: a value outside it cannot work (refused before any process starts)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # warmup chunk i draws from seed + i (< 2**63 on the wire)
+    recompute_every: int = Field(default=1, ge=0, le=10_000)  # K: recompute every K chunks (0 = never)
+    heartbeat_s: float = Field(default=1.0, ge=0.05, le=3600, allow_inf_nan=False)  # H
+    watchdog_s: float = Field(default=5.0, ge=0.2, le=86_400, allow_inf_nan=False)  # W > 3 H
+    deadline_floor_s: float = Field(default=30.0, ge=0.5, le=86_400, allow_inf_nan=False)
+    deadline_factor: float = Field(default=4.0, gt=1, le=1000, allow_inf_nan=False)  # c in max(c * p99, floor)
+    warmup_chunks: int = Field(default=1, ge=0, le=MAX_WARMUP_CHUNKS)
     # KV-recompute context frames: the previous latents as generated, or with the window's first latent
     # frame re-encoded from its decoded image (Krea / Self-Forcing; see adapters/chunk_engine.py)
     context_source: Literal["latents", "reencode"] = "latents"

@@ -122,6 +122,10 @@ class StandinFactory:
     def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> StandinStage0:
         return StandinStage0(_geometry(str(dtype).removeprefix("torch.")), device, dtype)
 
+    def check_mesh_size(self, preset: str, mesh_size: int) -> None:
+        if mesh_size < 1 or HIDDEN % mesh_size:
+            raise ValueError(f"stand-in hidden size {HIDDEN} not divisible by a mesh of {mesh_size}")
+
     def build_generator(self, preset: str, mesh_rank: int, mesh_size: int, comm: Communicator,
                         device: torch.device, dtype: torch.dtype) -> StandinGenerator:
         return StandinGenerator(_geometry(str(dtype).removeprefix("torch.")), mesh_rank, mesh_size, comm, device, dtype)

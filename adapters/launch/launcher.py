@@ -32,6 +32,7 @@ from pp1.adapters.rank.options import InvalidOption
 
 STARTUP_PHASES = ("init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels", "warmup")
 RANK_ENTRY = "pp1.adapters.roles.main"  # the torchrun entry of every rank
+MAX_CPU_PROCESSES = 64  # a sane bound for a job of CPU ranks on one host
 
 
 @dataclass
@@ -79,6 +80,15 @@ def check_options(opts: LaunchOptions) -> None:
             raise InvalidOption("--device", f"{opts.topology} with --tp {opts.tp} needs {opts.nproc} GPUs "
                                 f"(one per rank); {have} visible")
 
+    check_mesh = getattr(factory, "check_mesh_size", None)  # the pipeline knows what it can shard
+    if callable(check_mesh):
+        try:
+            check_mesh(opts.preset, opts.mesh_size())
+        except ValueError as exc:
+            raise InvalidOption("--tp", str(exc)) from None
+    if opts.device == "cpu" and opts.nproc > MAX_CPU_PROCESSES:
+        raise InvalidOption("--tp", f"{opts.nproc} processes on the CPU: at most {MAX_CPU_PROCESSES} (each rank is "
+                            "a process with its own copy of the runtime)")
 
 @dataclass
 class RunReport:

@@ -52,6 +52,13 @@ class KreaFactory:
     def timesteps(self, preset: str) -> tuple[int, ...]:
         return self.options.steps
 
+    def check_mesh_size(self, preset: str, mesh_size: int) -> None:
+        """Heads are split over the mesh (unevenly is fine): a rank needs at least one."""
+        heads = get_model(preset).num_heads
+        if not 1 <= mesh_size <= heads:
+            raise ValueError(f"{preset} has {heads} attention heads: a mesh of {mesh_size} ranks cannot shard it "
+                             f"(1..{heads})")
+
     def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> KreaStage0:
         return KreaStage0(self.spec(preset), torch.device(device), dtype)
 

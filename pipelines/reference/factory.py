@@ -26,6 +26,13 @@ class ReferenceFactory:
     def timesteps(self, preset: str) -> tuple[int, ...]:
         return get_preset(preset).timesteps
 
+    def check_mesh_size(self, preset: str, mesh_size: int) -> None:
+        """Heads and FFN columns are split over the mesh (unevenly is fine): a rank needs at least one head."""
+        heads = get_preset(preset).num_heads
+        if not 1 <= mesh_size <= heads:
+            raise ValueError(f"preset {preset!r} has {heads} attention heads: a mesh of {mesh_size} ranks cannot "
+                             f"shard it (1..{heads})")
+
     def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> ReferenceStage0:
         return ReferenceStage0(get_preset(preset), torch.device(device), dtype)
 

@@ -25,6 +25,20 @@ def test_defaults_are_valid() -> None:
         ({"pipeline": "no-colon"}, "--pipeline", "package.module:factory"),
         ({"preset": "nope"}, "--preset", "unknown preset 'nope'"),
         ({"device": "cuda", "tp": 64}, "--device", "needs 65 GPUs"),
+        # what passed the checks before (issue 11): every duration finite and sane, the seed's range, the
+        # mesh against what the pipeline can shard and against the machine
+        ({"watchdog_s": float("inf")}, "--watchdog-s", "finite"),
+        ({"deadline_floor_s": 1e15}, "--deadline-floor-s", "less than or equal to 86400"),
+        ({"timeout_s": float("nan")}, "--timeout-s", "finite"),
+        ({"seed": -1}, "--seed", "greater than or equal to 0"),
+        ({"seed": 2**63}, "--seed", "less than or equal to"),
+        ({"tp": 5, "preset": "micro"}, "--tp", "4 attention heads"),
+        ({"tp": 100000}, "--tp", "cannot shard"),
+        ({"tp": 5, "pipeline": "pp1.testing.standin:factory"}, "--tp", "not divisible by a mesh of 5"),
+        ({"heartbeat_s": 0.001, "watchdog_s": 0.004}, "--heartbeat-s", "greater than or equal to 0.05"),
+        ({"deadline_floor_s": 0.001}, "--deadline-floor-s", "greater than or equal to 0.5"),
+        ({"warmup_chunks": 1000}, "--warmup-chunks", "less than or equal to 64"),
+        ({"ready_timeout_s": 0.0}, "--ready-timeout-s", "positive"),
     ],
 )
 def test_bad_options_are_refused_with_the_option_named(kwargs: dict, option: str, needle: str) -> None:
