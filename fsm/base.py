@@ -42,15 +42,25 @@ FAIL = "fail"  # the event that leads to FAILED from every non-terminal state
 
 @dataclass(frozen=True)
 class FailureCause:
-    """Why a machine failed: which rank, in which state (phase), why, and whose fault."""
+    """Why a machine failed: which rank, in which state (phase), why, and whose fault. ``kind``: local
+    (this rank broke the protocol or its own work failed) or remote (a peer did); ``blame``: the peer's
+    global rank when remote and known (the leader a front lost, the front a leader's watchdog missed)."""
 
     rank: int
     phase: str
     reason: str
-    kind: ErrorKind  # local: this rank broke the protocol or its own work failed; remote: a peer did
+    kind: ErrorKind
+    blame: int | None = None
 
     def __str__(self) -> str:
-        return f"rank {self.rank} failed in {self.phase} ({self.kind}): {self.reason}"
+        whose = f"remote: rank {self.blame}" if self.kind == "remote" and self.blame is not None else self.kind
+        return f"rank {self.rank} failed in {self.phase} ({whose}): {self.reason}"
+
+    @property
+    def at_fault(self) -> int | None:
+        """The rank this cause puts the fault on: itself when local, the blamed peer when remote (None:
+        a peer, not known which)."""
+        return self.rank if self.kind == "local" else self.blame
 
 
 @dataclass(frozen=True)
@@ -184,9 +194,10 @@ class ProtocolMachine:
             raise InvalidEvent(self.NAME, self.state, event) from exc
         return self.state
 
-    def fail_with(self, reason: str, kind: ErrorKind) -> FailureCause:
+    def fail_with(self, reason: str, kind: ErrorKind, blame: int | None = None) -> FailureCause:
         """Go to ``failed`` recording the cause; the first cause wins, later ones are logged."""
-        cause = FailureCause(rank=self.rank, phase=self.state, reason=reason, kind=kind)
+        cause = FailureCause(rank=self.rank, phase=self.state, reason=reason, kind=kind,
+                             blame=blame if kind == "remote" else None)
         if self.is_terminal:
             log.warning("%s rank=%d already %s; ignoring later cause: %s", self.NAME, self.rank, self.state, cause)
             return self.failure or cause

@@ -198,6 +198,7 @@ class ChunkMachine(ProtocolMachine):
         deadline_floor_s: float = 30.0,
         deadline_factor: float = 4.0,
         deadline_samples: int = DEADLINE_SAMPLES,
+        peer_rank: int | None = None,
         **ctx: Any,
     ) -> None:
         if recompute_every < 0:
@@ -205,6 +206,7 @@ class ChunkMachine(ProtocolMachine):
         if not timesteps:
             raise ValueError("timesteps must not be empty")
         self.chunk_frames = chunk_frames
+        self.peer_rank = peer_rank  # the leader's global rank: a remote failure is its fault
         self.timesteps = tuple(int(t) for t in timesteps)
         self.recompute_every = recompute_every
         self.context_source: ContextSource = context_source
@@ -447,11 +449,12 @@ class ChunkMachine(ProtocolMachine):
         return self._fail(err, None, plan)
 
     def poison(self, reason: str) -> Decision:
-        """The channel broke mid-message (a send or receive failed): fail locally, never touch it again."""
+        """The channel broke mid-message (a send or receive failed: the peer is gone, or its stream is out
+        of step): the fault is the peer's (remote, blaming ``peer_rank``); never touch the channel again."""
         self.poisoned = True
         plan = self._out.plan if self._out else None
-        err = LocalProtocolError("channel", reason, "poisoned")
-        return self._fail(err, None, plan, kind="local")
+        err = RemoteProtocolError("channel", reason, "poisoned")
+        return self._fail(err, None, plan, kind="remote")
 
     # -- internals ----------------------------------------------------------------------------------
     def _require(self, event: str) -> None:
@@ -504,7 +507,7 @@ class ChunkMachine(ProtocolMachine):
 
     def _fail(self, err: ProtocolError, result: PPResultV1 | None, plan: ChunkPlan | None,
               kind: Literal["local", "remote"] = "remote") -> Decision:
-        cause = self.fail_with(str(err), kind)
+        cause = self.fail_with(str(err), kind, self.peer_rank)
         log.error("chunk rank=%d FAILED call_id=%s chunk_index=%s cache_epoch=%s: %s", self.rank,
                   plan.call_id if plan else None, plan.chunk_index if plan else None,
                   plan.cache_epoch if plan else self.cache_epoch, err)

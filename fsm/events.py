@@ -26,10 +26,13 @@ class TimedOut(Event):
 
 @dataclass(frozen=True)
 class PeerGone(Event):
-    """A channel operation failed because the peer's connection closed (it died) or the channel broke."""
+    """A channel operation failed because the peer's connection closed (it died) or the channel broke.
+    ``peer``: the global rank at the other end, when the channel has one (a TP broadcast or an all-reduce
+    does not say which mesh rank went away)."""
 
     HANDLER: ClassVar[str] = "on_peer_gone"
     reason: str
+    peer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class ShardFailed(Event):
     HANDLER: ClassVar[str] = "on_shard_failed"
     reason: str
     recoverable: bool = False
+    peer_lost: bool = False  # a collective of the shard failed because a mesh peer is gone (not this rank's fault)
 
 
 @dataclass(frozen=True)

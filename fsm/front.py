@@ -247,7 +247,8 @@ class FrontMachine(RoleMachine):
     def _on_decision(self, d: Decision, now: float) -> list[Intent]:
         v = d.verdict
         if v is Verdict.FAIL:
-            return self._fail(str(d.cause or d.error), d.cause.kind if d.cause else "remote")
+            c = d.cause
+            return self._fail(c.reason if c else str(d.error), c.kind if c else "remote", blame=c.blame if c else None)
         if v is Verdict.STOPPED:
             self._lifecycle_event("drain")
             self._lifecycle_event("drained")
@@ -298,7 +299,7 @@ class FrontMachine(RoleMachine):
         d = self.chunk.on_deadline_missed(max(now, due if due is not None else now))
         return self._on_decision(d, now)
 
-    def on_peer_gone(self, reason: str) -> list[Intent]:
+    def on_peer_gone(self, reason: str, peer: int | None = None) -> list[Intent]:
         if self.state != SERVING:
             return self._fail(f"lost the leader during {self.state}: {reason}", "remote", poisoned=True)
         return self._on_decision(self.chunk.poison(f"channel broke: {reason}"), 0.0)
@@ -369,7 +370,8 @@ class FrontMachine(RoleMachine):
                          why="stale: a hard cut came before it was decoded"), *self._next(now)]
         c = self.chunk
         if c.state == CHUNK_FAILED:
-            return self._fail(str(c.failure), c.failure.kind if c.failure else "remote")
+            f = c.failure
+            return self._fail(f.reason if f else "failed", f.kind if f else "remote", blame=f.blame if f else None)
         if c.state == STOPPED:
             return []
         if self._stop_pending:
@@ -426,9 +428,11 @@ class FrontMachine(RoleMachine):
                       sent_at=rec.sent_at, received_at=rec.received_at)
 
     # -- failure ------------------------------------------------------------------------------------
-    def _fail(self, reason: str, kind: str, poisoned: bool = False) -> list[Intent]:
+    def _fail(self, reason: str, kind: str, poisoned: bool = False, blame: int | None = None) -> list[Intent]:
+        if blame is None and kind != "local":
+            blame = self.chunk.peer_rank  # the front's one peer: the leader
         if not self.is_terminal:
-            self.fail_with(reason, "local" if kind == "local" else "remote")
+            self.fail_with(reason, "local" if kind == "local" else "remote", blame)
             log.error("front rank=%d FAILED: %s", self.rank, reason)
         out: list[Intent] = []
         if self._pending is not None:  # received, never to be shown
@@ -437,7 +441,7 @@ class FrontMachine(RoleMachine):
                             recompute=rec.recompute, sent_at=rec.sent_at, received_at=rec.received_at,
                             why="the mesh failed"))
         if not poisoned and not self.chunk.is_terminal:
-            self.chunk.fail_with(reason, "local" if kind == "local" else "remote")
+            self.chunk.fail_with(reason, "local" if kind == "local" else "remote", blame)
         farewell = None if poisoned else self.chunk.farewell_plan()
         if farewell is not None:
             out.append(SendEnvelope(envelope_from_plan(farewell),

@@ -187,6 +187,7 @@ class LeaderRelayMachine(RoleMachine):
         front_in_process: bool = False,
         warm_timeout_s: float = 60.0,
         lifecycle: LifecycleMachine | None = None,
+        front_rank: int | None = None,
         **ctx: Any,
     ) -> None:
         if mesh_size < 1:
@@ -201,6 +202,7 @@ class LeaderRelayMachine(RoleMachine):
         self.fingerprint = fingerprint
         self.watchdog_s = watchdog_s
         self.front_in_process = front_in_process
+        self.front_rank = front_rank  # its peer on the PP channel (None: pure TP, the front is in process)
         self.warm_timeout_s = warm_timeout_s
         self.last_activity_at = now
         self.validate: Validate = validate or self._preflight_validate
@@ -372,7 +374,7 @@ class LeaderRelayMachine(RoleMachine):
         self.fire("warmup_chunk_done")
         return self._run_header(self._warmup[i + 1])
 
-    def on_shard_failed(self, reason: str, recoverable: bool = False) -> list[Intent]:
+    def on_shard_failed(self, reason: str, recoverable: bool = False, peer_lost: bool = False) -> list[Intent]:
         """The shard raised. ``recoverable`` (the adapter knows every mesh rank is still in step,
         e.g. the call was refused before any collective): answer ok=False and keep serving.
         Otherwise the mesh is failed: best-effort ok=False (MESH_FAILED) to the front, Exit(1)."""
@@ -388,7 +390,8 @@ class LeaderRelayMachine(RoleMachine):
             self.fire("shard_failed")
             self._log_env(env, f"shard failed (recoverable): {reason}", level=logging.ERROR)
             return [SendResult(self._result(env, ok=False, code=ErrorCode.GENERATOR_FAILED, message=reason))]
-        cause = self.fail_with(f"mesh failed (call_id={env.call_id} chunk_index={env.chunk_index}): {reason}", "local")
+        cause = self.fail_with(f"mesh failed (call_id={env.call_id} chunk_index={env.chunk_index}): {reason}",
+                               "remote" if peer_lost else "local")
         result = self._result(env, ok=False, code=ErrorCode.MESH_FAILED, message=reason)
         return [SendResult(result), Exit(EXIT_FAILED, cause.reason)]
 
@@ -420,29 +423,29 @@ class LeaderRelayMachine(RoleMachine):
     def on_tick(self, now: float) -> list[Intent]:
         if now >= self.watchdog_deadline():
             reason = f"orphan: no envelope for {now - self.last_activity_at:.1f} s (watchdog W={self.watchdog_s:g} s)"
-            self.fail_with(reason, "remote")
+            self.fail_with(reason, "remote", self.front_rank)
             log.error("leader rank=%d state=%s %s", self.rank, self.state, reason)
             return [Exit(EXIT_ORPHAN, reason)]
         return []
 
-    def on_fatal(self, reason: str, kind: str = "remote") -> list[Intent]:
+    def on_fatal(self, reason: str, kind: str = "remote", blame: int | None = None) -> list[Intent]:
         """A channel broke (peer gone, undecodable frame, timed-out wait): the process is poisoned.
-        Fails the machine and exits; nothing more is sent."""
-        cause = self.fail_with(reason, "local" if kind == "local" else "remote")
+        Fails the machine and exits; nothing more is sent. ``blame``: the peer at fault, when known."""
+        cause = self.fail_with(reason, "local" if kind == "local" else "remote", blame)
         return [Exit(EXIT_FAILED, cause.reason)]
 
     def on_timed_out(self, now: float) -> list[Intent]:
         """A bounded wait ran out: the front's PING never came, or the watchdog (no envelope for W)."""
         if self.state == CHANNELS:
-            return self.on_fatal(f"no PING from the front within {self.warm_timeout_s:g} s", "remote")
+            return self.on_fatal(f"no PING from the front within {self.warm_timeout_s:g} s", "remote", self.front_rank)
         out = self.on_tick(now)
         return out or self._next()
 
-    def on_peer_gone(self, reason: str) -> list[Intent]:
-        return self.on_fatal(f"channel broke: {reason}", "remote")
+    def on_peer_gone(self, reason: str, peer: int | None = None) -> list[Intent]:
+        return self.on_fatal(f"channel broke: {reason}", "remote", peer)
 
     def on_bad_message(self, reason: str) -> list[Intent]:
-        return self.on_fatal(f"bad message: {reason}", "remote")
+        return self.on_fatal(f"bad message: {reason}", "remote", self.front_rank)
 
     def on_local_error(self, reason: str) -> list[Intent]:
         """We were about to break the protocol (a preflight refused a send): a bug; fail the rank."""

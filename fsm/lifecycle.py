@@ -379,9 +379,9 @@ class RoleMachine(ProtocolMachine):
         if lc is not None and lc.can_fire(event):
             lc.fire(event)
 
-    def fail_with(self, reason: str, kind: ErrorKind) -> FailureCause:
-        cause = super().fail_with(reason, kind)
+    def fail_with(self, reason: str, kind: ErrorKind, blame: int | None = None) -> FailureCause:
+        cause = super().fail_with(reason, kind, blame)
         lc = self.lifecycle
         if lc is not None and not lc.is_terminal:
-            lc.fail_with(cause.reason, cause.kind)
+            lc.fail_with(cause.reason, cause.kind, cause.blame)
         return cause

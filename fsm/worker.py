@@ -96,6 +96,7 @@ class WorkerLoopMachine(RoleMachine):
         *,
         warm_timeout_s: float | None = None,
         lifecycle: LifecycleMachine | None = None,
+        leader_rank: int | None = None,
         **ctx: Any,
     ) -> None:
         if not (watchdog_s > 0 and math.isfinite(watchdog_s)):
@@ -104,6 +105,7 @@ class WorkerLoopMachine(RoleMachine):
             raise ValueError(f"watchdog W={watchdog_s}s must exceed 3 x heartbeat H={heartbeat_s}s")
         super().__init__(rank, lifecycle=lifecycle, **ctx)
         self.watchdog_s = watchdog_s
+        self.leader_rank = leader_rank  # its peer: a remote failure is the leader's (or the front's behind it)
         self.warm_timeout_s = warm_timeout_s if warm_timeout_s is not None else 4 * watchdog_s
         self.last_header_at = now
         self.current: TPHeaderV1 | None = None
@@ -207,14 +209,18 @@ class WorkerLoopMachine(RoleMachine):
         self.current = None
         return self._next()
 
-    def on_shard_failed(self, reason: str, recoverable: bool = False) -> list[Intent]:
-        """The shard raised: this rank fails (the leader's collectives fail with it)."""
+    def on_shard_failed(self, reason: str, recoverable: bool = False, peer_lost: bool = False) -> list[Intent]:
+        """The shard raised: this rank fails (the leader's collectives fail with it). A collective that
+        failed because a mesh peer is gone is that peer's fault (which one, a collective does not say)."""
         h = self.current
         where = f" (call_id={h.call_id} chunk_index={h.chunk_index})" if h else ""
+        if peer_lost:
+            return self._exit(EXIT_FAILED, f"a mesh peer was lost during the shard{where}: {reason}", "remote",
+                              blame=None)
         return self._exit(EXIT_FAILED, f"shard failed{where}: {reason}", "local")
 
     # -- broken channels and requests ---------------------------------------------------------------
-    def on_peer_gone(self, reason: str) -> list[Intent]:
+    def on_peer_gone(self, reason: str, peer: int | None = None) -> list[Intent]:
         """The leader's connection closed (a header or its tensors could not be received): it is gone."""
         return self._exit(EXIT_ORPHAN, f"orphan: lost the leader ({reason[:160]})", "remote")
 
@@ -227,9 +233,10 @@ class WorkerLoopMachine(RoleMachine):
         log.info("worker rank=%d drain requested: waiting for SHUTDOWN (the watchdog bounds the wait)", self.rank)
         return []
 
-    def _exit(self, code: int, reason: str, kind: str) -> list[Intent]:
+    def _exit(self, code: int, reason: str, kind: str, blame: int | None | str = "leader") -> list[Intent]:
         if not self.is_terminal:
-            self.fail_with(reason, "local" if kind == "local" else "remote")
+            self.fail_with(reason, "local" if kind == "local" else "remote",
+                           self.leader_rank if blame == "leader" else blame)  # type: ignore[arg-type]
             log.error("worker rank=%d state=%s %s", self.rank, self.state, reason)
         return [Exit(code, reason)]
 

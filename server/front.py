@@ -23,6 +23,8 @@ import torch
 from pp1.adapters.front.engine import FrameBatch as EngineBatch
 from pp1.adapters.front.report import ChunkRecord, EngineOutcome
 from pp1.adapters.roles.context import RankContext
+from pp1.fsm.base import FailureCause
+from pp1.fsm.blame import root_cause
 from pp1.fsm.lifecycle import job_load_status
 from pp1.pipelines.loader import DEFAULT_PIPELINE, load_factory
 from pp1.protocol.schedule import FRAMES_PER_LATENT, p99
@@ -203,8 +205,10 @@ class RankFront:
             cb(event)
 
     def _on_outcome(self, outcome: EngineOutcome) -> None:
-        cause = self._own_cause()
-        ended = StreamEnded(reason="shutdown" if outcome.ok else "mesh_failed", detail=outcome.reason, cause=cause)
+        self._status = self._snapshot()
+        cause = self._status.failure
+        ended = StreamEnded(reason="shutdown" if outcome.ok else "mesh_failed",
+                            detail=cause.reason if cause else outcome.reason, cause=cause)
         self._publish(ended)
 
     def _publish(self, event: FrontEvent) -> None:
@@ -225,12 +229,6 @@ class RankFront:
                 log.debug("status snapshot failed: %s", exc)
             time.sleep(POLL_S)
 
-    def _own_cause(self) -> Cause | None:
-        f = self.ctx.lifecycle.failure
-        if f is None and self.ctx.engine is not None:
-            f = self.ctx.engine.machine.failure
-        return Cause(rank=f.rank, phase=f.phase, reason=f.reason, kind=f.kind) if f else None
-
     def _snapshot(self) -> FrontStatus:
         ctx = self.ctx
         entries = ctx.progress.snapshot() if ctx.progress is not None else [None] * ctx.config.world_size
@@ -243,7 +241,13 @@ class RankFront:
                        pid=(e or {}).get("pid"))
             for r, e in enumerate(entries))
         status, stage = job_load_status(states)
-        failure = self._own_cause() or next((r.cause for r in ranks if r.cause is not None), None)
+        reports = {r: FailureCause(**{"blame": None, **e["cause"]}) for r, e in enumerate(entries)
+                   if e and e.get("cause")}
+        own = ctx.lifecycle.failure or (ctx.engine.machine.failure if ctx.engine is not None else None)
+        if own is not None:
+            reports[ctx.rt.rank] = own
+        root = root_cause(reports, roles={r.rank: r.role for r in ranks})
+        failure = Cause(rank=root.rank, phase=root.phase, reason=root.reason, kind=root.kind) if root else None
         engine = ctx.engine
         counters = ChunkCounters()
         if engine is not None:

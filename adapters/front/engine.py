@@ -275,6 +275,9 @@ class FrontEngine(Executor):
             return ReadyReceived(ready, self.ready_at)
         raise TypeError(f"front: no way to perform {it!r}")
 
+    def peer_of(self, intent: Intent) -> int | None:
+        return self.machine.chunk.peer_rank
+
     # -- sending -------------------------------------------------------------------------------------
     def _send(self, it: SendEnvelope) -> Event:
         env, t0 = it.envelope, self.clock()

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from typing import Any
 from pp1.adapters.rank import options
 from pp1.adapters.rank.observe import parse_event
 from pp1.adapters.rank.options import InvalidOption
+from pp1.fsm.base import FailureCause
+from pp1.fsm.blame import root_cause
 
 STARTUP_PHASES = ("init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels", "warmup")
 RANK_ENTRY = "pp1.adapters.roles.main"  # the torchrun entry of every rank
@@ -108,16 +111,58 @@ class RunReport:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _first_failure(events: list[dict[str, Any]]) -> tuple[int | None, str | None]:
-    """The earliest rank that failed, preferring a local cause (the rank that broke) over echoes."""
-    failed = [e for e in events if e.get("event") == "failed"]
-    exits = [e for e in events if e.get("event") == "exit" and e.get("code") not in (0, None)]
-    pool = failed or exits
-    if not pool:
+_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)\)?\s*(?:local_rank:\s*\d+\s*)?\(pid:\s*(\d+)\)")
+
+
+def torchrun_exitcodes(lines: list[str]) -> dict[int, int]:
+    """pid -> exit code, from torchrun's own report of its failed workers (-N: killed by signal N)."""
+    out: dict[int, int] = {}
+    for line in lines:
+        for code, pid in _EXITCODE.findall(line):
+            out[int(pid)] = int(code)
+    return out
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return "no exit code seen"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def root_failure(events: list[dict[str, Any]], log_lines: list[str] | None = None) -> tuple[int | None, str | None]:
+    """The rank at fault and why (``fsm.blame.root_cause`` over every rank's exit of the last attempt):
+    a rank that died without a word first, then a local cause, then the peer a remote cause blames."""
+    attempt = max((int(e.get("attempt") or 0) for e in events), default=0)
+    ev = [e for e in events if int(e.get("attempt") or 0) == attempt and isinstance(e.get("rank"), int)]
+    roles = {e["rank"]: str(e.get("role")) for e in ev if e["rank"] >= 0}
+    pids = {e["rank"]: e["pid"] for e in ev if e["rank"] >= 0 and isinstance(e.get("pid"), int)}
+    exits = {e["rank"]: e for e in ev if e.get("event") == "exit"}
+    reports: dict[int, FailureCause] = {}
+    bare: dict[int, FailureCause] = {}  # a non-zero exit without a recorded cause (a crash before a machine saw it)
+    for r, e in exits.items():
+        c = e.get("cause")
+        if e.get("code") not in (0, None):
+            if c:
+                reports[r] = FailureCause(**c)
+            else:
+                bare[r] = FailureCause(rank=r, phase="?", reason=str(e.get("reason")), kind="local")
+    if not reports:
+        reports = bare
+    for e in ev:  # a rank that failed and reported it, but whose exit line was lost
+        if e.get("event") == "failed" and e["rank"] not in reports:
+            reports[e["rank"]] = FailureCause(rank=e["rank"], phase=str(e.get("phase", "?")),
+                                              reason=str(e.get("reason")), kind="local")
+    codes = torchrun_exitcodes(log_lines or [])
+    silent = {r: f"died without a word ({_how(codes.get(pid))})" for r, pid in pids.items() if r not in exits}
+    if not reports and not silent:
         return None, None
-    local = [e for e in pool if "(local)" in str(e.get("reason", ""))]
-    e = min(local or pool, key=lambda ev: ev.get("t", 0.0))
-    return e.get("rank"), f"rank {e.get('rank')} ({e.get('role')}): {e.get('reason')}"
+    root = root_cause(reports, silent, roles)
+    assert root is not None
+    return root.rank, f"rank {root.rank} ({roles.get(root.rank, '?')}): {root.reason}"
 
 
 @dataclass
@@ -129,6 +174,7 @@ class Supervised:
     tail: list[str]
     asked_to_stop: bool
     wall_s: float
+    exit_lines: list[str] = field(default_factory=list)  # torchrun's own report of the workers' exit codes
 
 
 def supervise(
@@ -153,6 +199,7 @@ def supervise(
                             start_new_session=True)
     events: list[dict[str, Any]] = []
     tail: collections.deque[str] = collections.deque(maxlen=80)
+    exit_lines: list[str] = []
 
     def reader() -> None:
         assert proc.stdout is not None
@@ -165,6 +212,8 @@ def supervise(
                     on_event(ev)
             else:
                 tail.append(line)
+                if "exitcode" in line:
+                    exit_lines.append(line)
                 if on_log is not None:
                     on_log(line)
 
@@ -191,7 +240,7 @@ def supervise(
             proc.wait(10)
         rd.join(5)
         _kill_leftovers(events)
-    return Supervised(proc.returncode, events, list(tail), asked_to_stop, time.monotonic() - t0)
+    return Supervised(proc.returncode, events, list(tail), asked_to_stop, time.monotonic() - t0, exit_lines)
 
 
 def _kill_leftovers(events: list[dict[str, Any]]) -> None:
@@ -220,7 +269,7 @@ def launch(
     report: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError), open(report_json) as f:
         report = json.load(f)
-    rank, failure = _first_failure(events)
+    rank, failure = root_failure(events, sup.exit_lines)
     exits = [e for e in events if e.get("event") == "exit"]
     # torchrun exits non-zero when it forwarded our SIGTERM; the ranks' own exits tell the truth
     drained = sup.asked_to_stop and len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)

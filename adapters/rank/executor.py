@@ -106,7 +106,7 @@ class Executor:
         except WaitExpired:
             event = TimedOut(self.clock())
         except PeerLost as exc:
-            event = PeerGone(str(exc))
+            event = PeerGone(str(exc), self.peer_of(it))
         except LocalProtocolError as exc:
             event = LocalError(str(exc))
         except RemoteProtocolError as exc:
@@ -134,3 +134,7 @@ class Executor:
 
     def perform(self, intent: Intent) -> Event | None:  # pragma: no cover - every role implements it
         raise NotImplementedError
+
+    def peer_of(self, intent: Intent) -> int | None:
+        """The global rank at the other end of the channel ``intent`` uses (None: unknown or several)."""
+        return None

@@ -39,7 +39,7 @@ def chunk_machine(ctx: RankContext) -> ChunkMachine:
         ctx.rt.rank, chunk_frames=g.latent_frames, window=g.max_context_frames, timesteps=ctx.pipeline.timesteps,
         recompute_every=cfg.recompute_every, context_source=cfg.context_source, seed=cfg.seed,
         heartbeat_s=cfg.heartbeat_s, deadline_floor_s=cfg.deadline_floor_s, deadline_factor=cfg.deadline_factor,
-        role=ctx.rt.role,
+        peer_rank=cfg.leader_rank, role=ctx.rt.role,
     )
 
 

@@ -71,6 +71,12 @@ class LeaderExecutor(MeshExecutor):
             return PairWarm(self.clock())
         raise TypeError(f"leader: no way to perform {it!r}")
 
+    def peer_of(self, intent: Intent) -> int | None:
+        """The front for the PP channel's intents; a TP broadcast or a collective names no one."""
+        if isinstance(intent, AwaitEnvelope | RecvTensors | SendResult | SendReady | WarmPair):
+            return self.machine.front_rank  # type: ignore[attr-defined]
+        return None
+
     def envelope_received(self, env) -> EnvelopeReceived:  # type: ignore[no-untyped-def]
         now = self.clock()
         self.received_at = now
@@ -88,6 +94,7 @@ def leader_machine(ctx: RankContext, *, front_in_process: bool) -> LeaderRelayMa
         ctx.rt.rank, p.geometry, ctx.rt.mesh_size, timesteps=p.timesteps, warmup_chunks=cfg.warmup_chunks,
         recompute_every=cfg.recompute_every, seed=cfg.seed, fingerprint=p.fingerprint,
         watchdog_s=None if front_in_process else cfg.watchdog_s, now=ctx.clock(), front_in_process=front_in_process,
+        front_rank=cfg.front_rank,
         warm_timeout_s=4 * cfg.watchdog_s, lifecycle=ctx.lifecycle, role=ctx.rt.role, mesh_rank=ctx.rt.mesh_rank,
     )
 

@@ -31,7 +31,7 @@ from pp1.adapters.rank.startup import LoadedPipeline, RankExit, geometry_for, ru
 from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
 from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.fsm.base import ProtocolMachine
+from pp1.fsm.base import FailureCause, ProtocolMachine
 from pp1.fsm.events import DrainRequested
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
@@ -85,10 +85,12 @@ def run_role(ctx: RankContext) -> int:
 
 
 class Exiter:
-    """Ends the process exactly once: record, flush, bounded teardown on an orderly exit, os._exit."""
+    """Ends the process exactly once: record, flush, bounded teardown on an orderly exit, os._exit. The exit
+    event carries the rank's failure cause (structured: the launcher finds the root cause from them)."""
 
-    def __init__(self, rt: DistributedRuntime | None, teardown_s: float) -> None:
-        self.rt, self.teardown_s = rt, teardown_s
+    def __init__(self, rt: DistributedRuntime | None, teardown_s: float,
+                 cause: Callable[[], FailureCause | None] = lambda: None) -> None:
+        self.rt, self.teardown_s, self.cause = rt, teardown_s, cause
         self._lock = threading.Lock()
 
     def __call__(self, code: int, reason: str, crash: bool) -> None:
@@ -98,7 +100,10 @@ class Exiter:
             (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
             record("exit", rank=rank, role=role, code=code, reason=reason[:300])
             emit_peak_memory(self.rt.device if self.rt else None)
-            emit_event("exit", code=code, reason=reason[:500])
+            c = self.cause()
+            emit_event("exit", code=code, reason=reason[:500],
+                       cause=None if c is None else {"rank": c.rank, "phase": c.phase, "reason": c.reason[:500],
+                                                     "kind": c.kind, "blame": c.blame})
             if code == EXIT_OK and not crash and self.rt is not None:
                 self.rt.teardown(self.teardown_s)
             logging.shutdown()
@@ -116,7 +121,8 @@ def _observe(faults: FaultPlan, board: ProgressBoard, role: str) -> Callable[[Pr
         emit_event("phase", phase=state)
         cause = machine.failure
         board.publish(role=role, state=state, cause=None if cause is None else {
-            "rank": cause.rank, "phase": cause.phase, "reason": cause.reason, "kind": cause.kind})
+            "rank": cause.rank, "phase": cause.phase, "reason": cause.reason, "kind": cause.kind,
+            "blame": cause.blame})
         faults.check(state)
 
     return on_change
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
         log.error("bad run options: %s", exc)
         return EXIT_USAGE
     setup_logging(rank, rt.role, opts.log_level)
-    exiter = Exiter(rt, opts.teardown_s)
     lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
+    exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure)
     board = ProgressBoard(rank, rt.world_size)
     board.publish(role=rt.role, state=lc.state, pid=os.getpid())
     lc.watch(_observe(faults, board, rt.role))

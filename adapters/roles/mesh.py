@@ -12,6 +12,7 @@ from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.roles.shard import run_shard, warmup_tensors
 from pp1.adapters.transport.interface import MeshEnd
+from pp1.adapters.transport.runtime import PeerLost
 from pp1.fsm.base import Event, Intent, ProtocolMachine
 from pp1.fsm.events import MeshWarm, ShardDone, ShardFailed
 from pp1.fsm.intents import MakeWarmupTensors, RunShard, WarmMesh
@@ -52,10 +53,11 @@ class MeshExecutor(Executor):
         try:
             out, ms = run_shard(self.generator, h, self.tensors)
         except Exception as exc:
-            log.exception("shard failed call_id=%d chunk_index=%d cache_epoch=%d", h.call_id, h.chunk_index,
-                          h.cache_epoch)
+            peer_lost = isinstance(exc, PeerLost)  # a collective failed: a mesh peer is gone
+            (log.error if peer_lost else log.exception)("shard failed call_id=%d chunk_index=%d cache_epoch=%d: %s",
+                                                       h.call_id, h.chunk_index, h.cache_epoch, exc)
             self.latents = None
-            return ShardFailed(f"{type(exc).__name__}: {exc}")
+            return ShardFailed(f"{type(exc).__name__}: {exc}", peer_lost=peer_lost)
         now = self.clock()
         self.latents = out.latents
         timings = {**out.timings_ms, "shard_ms": ms}

@@ -52,6 +52,9 @@ class WorkerExecutor(MeshExecutor):
             return None
         raise TypeError(f"worker: no way to perform {it!r}")
 
+    def peer_of(self, intent: Intent) -> int | None:
+        return self.machine.leader_rank  # type: ignore[attr-defined,no-any-return]
+
 
 def serve_worker(ctx: RankContext) -> int:
     """A mesh worker: the TP channel from the leader."""
@@ -59,7 +62,8 @@ def serve_worker(ctx: RankContext) -> int:
     assert p.generator is not None
     tp = TPChannel(ctx.rt, p.geometry, send_timeout_s=cfg.watchdog_s)
     loop = WorkerLoopMachine(ctx.rt.rank, watchdog_s=cfg.watchdog_s, now=ctx.clock(), geometry=p.geometry,
-                             heartbeat_s=cfg.heartbeat_s, lifecycle=ctx.lifecycle, role=ctx.rt.role,
+                             heartbeat_s=cfg.heartbeat_s, lifecycle=ctx.lifecycle, leader_rank=cfg.leader_rank,
+                             role=ctx.rt.role,
                              mesh_rank=ctx.rt.mesh_rank)
     executor = WorkerExecutor(loop, p.generator, tp, ctx.rt.device, ctx.faults, recv_timeout_s=cfg.watchdog_s,
                               clock=ctx.clock)

@@ -390,10 +390,12 @@ def test_shutdown_that_cannot_be_built_fails_locally() -> None:
 
 
 def test_poison() -> None:
-    m = machine()
+    """A broken channel is the peer's fault (issue 11: it was recorded as the front's own)."""
+    m = machine(peer_rank=1)
     send(m)
     d = m.poison("send broke mid-message")
-    assert d.verdict is Verdict.FAIL and m.poisoned and m.failure is not None and m.failure.kind == "local"
+    assert d.verdict is Verdict.FAIL and m.poisoned and m.failure is not None and m.failure.kind == "remote"
+    assert m.failure.blame == 1 and m.failure.at_fault == 1 and "remote: rank 1" in str(m.failure)
     assert m.farewell_plan() is None
 
 

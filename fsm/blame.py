@@ -1,0 +1,56 @@
+"""Which rank is to blame: the root cause of a failed job, from what every rank reported.
+
+A failure spreads: the leader dies, the front's channel breaks (remote), a worker loses the leader
+(remote), torchrun tears the rest down. The user must be told the rank at fault, not the first rank
+that noticed. The rules, in order:
+
+1. A rank that died without a word (killed, crashed before it could report) is the root: whatever the
+   others saw followed from it.
+2. Else a local cause (a rank whose own work failed, or that broke the protocol itself).
+3. Else a remote cause that names the peer at fault (``FailureCause.blame``): that peer is blamed, with
+   the reporter's account.
+4. Else any remote cause (a peer, not known which).
+
+Pure: the launcher (events of every rank) and the server (the job's progress board) call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .base import FailureCause
+
+
+def root_cause(reports: Mapping[int, FailureCause], silent: Mapping[int, str] | None = None,
+               roles: Mapping[int, str] | None = None) -> FailureCause | None:
+    """The root cause among ``reports`` (rank -> its cause) and ``silent`` (rank -> how it ended without a
+    cause, e.g. "killed by SIGKILL"); None when nothing failed. ``roles`` name ranks in the reasons."""
+    roles = roles or {}
+
+    def who(rank: int | None) -> str:
+        return f"rank {rank} ({roles[rank]})" if rank is not None and rank in roles else f"rank {rank}"
+
+    if silent:
+        rank = min(silent)
+        seen = sorted((c for c in reports.values() if c.at_fault == rank), key=_order) or sorted(reports.values(),
+                                                                                          key=_order)
+        also = f"; {who(seen[0].rank)} saw: {seen[0].reason}" if seen else ""
+        return FailureCause(rank=rank, phase="?", reason=f"{who(rank)} {silent[rank]}{also}", kind="local")
+    if not reports:
+        return None
+    local = sorted((c for c in reports.values() if c.kind == "local"), key=_order)
+    if local:
+        return local[0]
+    blamed = sorted((c for c in reports.values() if c.blame is not None), key=_order)
+    if blamed:
+        c = blamed[0]
+        culprit = reports.get(c.blame)  # type: ignore[arg-type]
+        if culprit is not None and culprit.kind == "local":
+            return culprit
+        return FailureCause(rank=c.blame, phase=culprit.phase if culprit else "?",  # type: ignore[arg-type]
+                            reason=f"{who(c.blame)} failed, as {who(c.rank)} saw it: {c.reason}", kind="local")
+    return sorted(reports.values(), key=_order)[0]
+
+
+def _order(c: FailureCause) -> tuple[int, int]:
+    return (0 if c.kind == "local" else 1, c.rank)

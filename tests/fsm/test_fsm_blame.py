@@ -1,0 +1,39 @@
+"""Which rank is to blame (fsm/blame.py): a silent death, then a local cause, then the blamed peer."""
+
+from __future__ import annotations
+
+from pp1.fsm.base import FailureCause
+from pp1.fsm.blame import root_cause
+
+ROLES = {0: "front", 1: "leader", 2: "worker"}
+
+
+def remote(rank: int, blame: int | None, reason: str = "channel broke") -> FailureCause:
+    return FailureCause(rank=rank, phase="serving", reason=reason, kind="remote", blame=blame)
+
+
+def test_nothing_failed() -> None:
+    assert root_cause({}) is None
+
+
+def test_a_local_cause_is_the_root_whatever_the_echoes_say() -> None:
+    local = FailureCause(rank=2, phase="running", reason="shard failed: boom", kind="local")
+    assert root_cause({0: remote(0, 1), 1: remote(1, 2), 2: local}, roles=ROLES) is local
+
+
+def test_echoes_name_the_blamed_peer_not_the_rank_that_noticed() -> None:
+    root = root_cause({0: remote(0, 1, "lost the leader"), 2: remote(2, 1, "orphan")}, roles=ROLES)
+    assert root is not None and root.rank == 1 and root.kind == "local"
+    assert "rank 1 (leader) failed" in root.reason and "rank 0 (front) saw it: lost the leader" in root.reason
+
+
+def test_a_silent_death_is_the_root() -> None:
+    root = root_cause({0: remote(0, 1)}, silent={1: "died without a word (killed by SIGKILL)"}, roles=ROLES)
+    assert root is not None and root.rank == 1 and "killed by SIGKILL" in root.reason and "rank 0 (front) saw" \
+        in root.reason
+
+
+def test_a_remote_cause_without_a_name_is_still_reported() -> None:
+    c = remote(2, None, "a mesh peer was lost")
+    assert root_cause({2: c}) is c
+    assert c.at_fault is None and remote(0, 1).at_fault == 1
