@@ -104,7 +104,12 @@ class InvalidOption(ValueError):
 def check_options(opts: LaunchOptions) -> None:
     """Refuse, before anything starts, what every rank would refuse after startup: bad sizes, a config
     that fails RunConfig's rules, a pipeline that does not load, a preset it does not know, too few GPUs."""
-    from pp1.pipelines.loader import PipelineLoadError, PipelineOptionError, load_factory
+    from pp1.pipelines.loader import (
+        PipelineLoadError,
+        PipelineOptionError,
+        load_factory,
+        require_compile_support,
+    )
     from pydantic import ValidationError
 
     from .main import config_from_args
@@ -145,6 +150,11 @@ def check_options(opts: LaunchOptions) -> None:
         factory.geometry(opts.preset)
     except Exception as exc:  # the pipeline's own words: unknown preset, bad shape, ...
         raise InvalidOption("--preset", f"{type(exc).__name__}: {exc}") from None
+    if opts.compile:
+        try:
+            require_compile_support(factory, opts.pipeline)
+        except PipelineLoadError as exc:
+            raise InvalidOption("--compile", exc.reason) from None
     if opts.device == "cuda":
         import torch
 
@@ -349,6 +359,9 @@ class _Printer:
             if key not in self.seen:
                 self.seen.add(key)
                 self.p(f"[startup] rank {rank} {role}: {ev.get('phase')}")
+        elif kind == "compiled":
+            self.p(f"[compiled] rank {rank} {role}: generator compiled in {ev.get('compile_s') or 0:.1f} s "
+                   f"(load {ev.get('load_s') or 0:.1f} s)")
         elif kind == "ready":
             self.p(f"[ready] mesh of {ev.get('mesh_size')} ready after {ev.get('startup_s', 0):.2f} s "
                    f"(warmup {', '.join(f'{x:.0f}' for x in ev.get('warmup_ms', []))} ms)")
