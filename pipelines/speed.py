@@ -167,7 +167,10 @@ def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, 
         "fingerprint": gen.fingerprint(),
     }
     if profile and len(calls) > 1:
-        row["profile"] = profile_chunk(gen, _cast(calls[-1], device, run_dtype), device)
+        try:
+            row["profile"] = profile_chunk(gen, _cast(calls[-1], device, run_dtype), device)
+        except Exception as exc:  # the profiler is a bonus: keep the timings
+            row["profile_error"] = f"{type(exc).__name__}: {exc}"
     row["late_compiles"] = getattr(gen, "late_compiles", None)
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
