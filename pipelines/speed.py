@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         row["tag"] = args.tag
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:  # row by row: a run cut short keeps what it measured
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
         if outs:
             saved[f"{args.tag}-{variant}"] = outs
             if args.save:
@@ -243,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"errors": errors}), flush=True)
     if args.json:
         with open(args.json, "a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-            fh.write(json.dumps({"errors": errors}) + "\n")
+            fh.write(json.dumps({"errors": errors, "tag": args.tag}) + "\n")
     print(f"{'variant':<16}{'chunk ms':>10}{'recompute':>11}{'denoise':>9}{'build s':>9}{'matmul':>9}{'attn':>8}"
           f"{'rest':>8}{'busy':>7}")
     for r in rows:
