@@ -8,8 +8,8 @@ slots all passed in), so ONE graph serves every block of the model and every cal
   copy of its code object: Dynamo keeps its graph cache (and recompile limit) per code object, so
   every generator (e.g. the uneven shards of a threaded mesh, or another preset in the same
   process) gets its own, static-shaped graphs and never hits another's recompile limit;
-- the token dimension is the only dynamic one (``mark_tokens``): one graph covers the chunk, the
-  context of a KV recompute of any length, the first chunk and later ones;
+- the token dimension is the only dynamic one (``mark_tokens``, bounded by the largest call): one
+  graph covers the chunk, the context of a KV recompute of any length, the first chunk and later ones;
 - the backend is Inductor, counted and timed: ``graphs`` (compilations so far) and ``compile_s``.
   A compilation after ``freeze()`` (the generator's precompile is done) is a serve-time recompile:
   counted in ``late_graphs`` and logged, so tests can hold it at zero.
@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -50,18 +50,26 @@ def fresh_function(fn: F) -> F:
     return copy  # type: ignore[return-value]
 
 
-def mark_tokens(*tensors: torch.Tensor | None) -> None:
-    """Make dim 0 (the tokens) of each tensor dynamic for the next compilation it takes part in."""
+DYNAMIC_TOKENS = True  # False: one static graph per token count (an experiment knob of pipelines/speed.py)
+
+
+def mark_tokens(tensors: Iterable[torch.Tensor | None], max_tokens: int | None = None) -> None:
+    """Make dim 0 (the tokens) of each tensor dynamic for the next compilation it takes part in,
+    in [2, max_tokens]: the bound lets Inductor index with 32-bit integers (an unbounded dynamic
+    size makes it fall back to 64-bit index arithmetic, several times slower in gather-like kernels)."""
+    if not DYNAMIC_TOKENS:
+        return
     for t in tensors:
         if t is not None:
-            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 0, min=2, max=max_tokens)
 
 
 class SegmentCompiler:
     """Compiles the segments of one generator and accounts for the compilations."""
 
-    def __init__(self, name: str = "generator") -> None:
+    def __init__(self, name: str = "generator", max_tokens: int | None = None) -> None:
         self.name = name
+        self.max_tokens = max_tokens  # the largest token count a call brings (bounds the dynamic dim)
         self.graphs = 0
         self.late_graphs = 0  # compilations after freeze(): serve-time recompiles
         self.compile_s = 0.0  # Inductor time (the backend), summed
@@ -88,7 +96,7 @@ class SegmentCompiler:
         def call(*args: Any, **kwargs: Any) -> Any:
             if self._frozen:
                 return compiled(*args, **kwargs)
-            mark_tokens(*(args[i] for i in token_args))
+            mark_tokens((args[i] for i in token_args), self.max_tokens)
             with _LOCK:  # the first calls compile: one at a time per process
                 try:
                     return compiled(*args, **kwargs)

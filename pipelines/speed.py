@@ -25,8 +25,10 @@ reports the errors of every saved run against its reference).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,17 @@ from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.interface import ChunkCall, Generator
 from pp1.pipelines.loader import DEFAULT_PIPELINE, load_factory
 
-VARIANTS: dict[str, tuple[bool, dict[str, str]]] = {  # name -> (compile, pipeline options)
-    "eager": (False, {}),
-    "compiled": (True, {}),
-    "fp8": (True, {"fp8_linears": "true"}),
-    "fp8-eager": (False, {"fp8_linears": "true"}),
-    "float32": (False, {}),
+VARIANTS: dict[str, tuple[bool, dict[str, str], dict[str, Any]]] = {
+    # name -> (compile, pipeline options, Inductor config patched around the build: experiments)
+    "eager": (False, {}, {}),
+    "compiled": (True, {}, {}),
+    "compiled-cdt": (True, {}, {"coordinate_descent_tuning": True}),
+    "compiled-det": (True, {}, {"deterministic": True}),
+    "compiled-autotune": (True, {}, {"deterministic": False}),
+    "compiled-static": (True, {}, {"static": True}),
+    "fp8": (True, {"fp8_linears": "true"}, {}),
+    "fp8-eager": (False, {"fp8_linears": "true"}, {}),
+    "float32": (False, {}, {}),
 }
 ATTENTION = ("flash", "fmha", "attention", "sdpa", "attn")
 MATMUL = ("gemm", "xmma", "nvjet", "cutlass", "matmul", "splitk", "f8f8bf16", "cublas", "gemv", "mm_kernel")
@@ -83,6 +90,64 @@ def _cast(call: ChunkCall, device: torch.device, dtype: torch.dtype) -> ChunkCal
     c.noise = call.noise.to(device, dtype)
     c.context_frames = None if call.context_frames is None else call.context_frames.to(device, dtype)
     return c
+
+
+class GpuSampler:
+    """SM clock, power and temperature of the GPU, sampled every ``period_s`` in a thread (NVML; None
+    where NVML is not there): the matmul rate follows the clock, and a denser chunk can lower it."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.01) -> None:
+        self.samples: list[tuple[float, float, float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.period_s = period_s
+        self.nvml: Any = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no NVML: no samples
+            self.nvml = None
+
+    def _loop(self) -> None:
+        n, h = self.nvml, self.handle
+        while not self._stop.is_set():
+            try:
+                reasons = 0
+                with contextlib.suppress(Exception):
+                    reasons = int(n.nvmlDeviceGetCurrentClocksEventReasons(h))
+                self.samples.append((float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+                                     n.nvmlDeviceGetPowerUsage(h) / 1e3,
+                                     float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)), reasons))
+            except Exception:
+                return
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> GpuSampler:
+        if self.nvml is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.samples:
+            return None
+        clk, pw, temp, reasons = zip(*self.samples, strict=True)
+        ored = 0
+        for r in reasons:
+            ored |= r
+        return {"sm_mhz_mean": round(statistics.mean(clk)), "sm_mhz_min": round(min(clk)),
+                "power_w_mean": round(statistics.mean(pw)), "power_w_max": round(max(pw)),
+                "temp_c_max": round(max(temp)), "clock_event_reasons": hex(ored), "samples": len(clk)}
 
 
 def _sync(device: torch.device) -> None:
@@ -132,29 +197,45 @@ def profile_chunk(gen: Generator, call: ChunkCall, device: torch.device, top: in
 
 def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, dtype: torch.dtype,
                 calls: list[ChunkCall], profile: bool) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    compile_, options = VARIANTS[variant]
+    compile_, options, patches = VARIANTS[variant]
     run_dtype = torch.float32 if variant == "float32" else dtype
     factory = load_factory(pipeline, options or None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    if compile_:
-        gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype, compile=True)  # type: ignore[call-arg]
-    else:
-        gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype)
-    _sync(device)
-    build_s = time.perf_counter() - t0
+    patches = dict(patches)
+    static = patches.pop("static", False)
+    with contextlib.ExitStack() as stack:
+        if patches:
+            import torch._inductor.config as inductor_config
+
+            stack.enter_context(inductor_config.patch(patches))
+        if static:
+            from pp1.pipelines import compiling
+
+            stack.callback(setattr, compiling, "DYNAMIC_TOKENS", compiling.DYNAMIC_TOKENS)
+            compiling.DYNAMIC_TOKENS = False
+        t0 = time.perf_counter()
+        if compile_:
+            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype, compile=True)  # type: ignore[call-arg]
+        else:
+            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype)
+        _sync(device)
+        build_s = time.perf_counter() - t0
     outs, timings = [], []
-    for call in calls:
+    sampler = GpuSampler(device)
+    for k, call in enumerate(calls):
         c = _cast(call, device, run_dtype)
         _sync(device)
+        if k == 2:
+            sampler.__enter__()  # the steady chunks
         t1 = time.perf_counter()
         out = gen.run(c)
         _sync(device)
         wall = (time.perf_counter() - t1) * 1e3
         outs.append(out.latents.float().cpu())
         timings.append({**out.timings_ms, "wall": wall})
+    sampler.__exit__()
     steady = timings[2:] or timings[-1:]
     med = {k: round(statistics.median(t[k] for t in steady), 1) for k in ("wall", "generator", "recompute", "denoise")
            if all(k in t for t in steady)}
@@ -172,6 +253,7 @@ def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, 
         except Exception as exc:  # the profiler is a bonus: keep the timings
             row["profile_error"] = f"{type(exc).__name__}: {exc}"
     row["late_compiles"] = getattr(gen, "late_compiles", None)
+    row["gpu"] = sampler.summary()
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     del gen
@@ -247,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps({"errors": errors, "tag": args.tag}) + "\n")
-    print(f"{'variant':<16}{'chunk ms':>10}{'recompute':>11}{'denoise':>9}{'build s':>9}{'matmul':>9}{'attn':>8}"
-          f"{'rest':>8}{'busy':>7}")
+    print(f"{'variant':<24}{'chunk ms':>9}{'recomp':>8}{'denoise':>8}{'build s':>8}{'matmul':>8}{'attn':>7}"
+          f"{'rest':>7}{'busy':>6}{'MHz':>6}{'W':>5}")
     for r in rows:
-        pr = r.get("profile") or {}
-        print(f"{r['tag'] + '-' + r['variant']:<16}{r.get('chunk_ms') or '-':>10}{r.get('recompute_ms') or '-':>11}"
-              f"{r.get('denoise_ms') or '-':>9}{r.get('build_s') or '-':>9}{pr.get('matmul_ms', '-'):>9}"
-              f"{pr.get('attention_ms', '-'):>8}{pr.get('rest_ms', '-'):>8}{pr.get('busy_share', '-'):>7}"
+        pr, gp = r.get("profile") or {}, r.get("gpu") or {}
+        print(f"{r['tag'] + '-' + r['variant']:<24}{r.get('chunk_ms') or '-':>9}{r.get('recompute_ms') or '-':>8}"
+              f"{r.get('denoise_ms') or '-':>8}{r.get('build_s') or '-':>8}{pr.get('matmul_ms', '-'):>8}"
+              f"{pr.get('attention_ms', '-'):>7}{pr.get('rest_ms', '-'):>7}{pr.get('busy_share', '-'):>6}"
+              f"{gp.get('sm_mhz_mean', '-'):>6}{gp.get('power_w_mean', '-'):>5}"
               f"{'  ' + r['error'] if 'error' in r else ''}")
     return 0
 

@@ -94,7 +94,7 @@ class CausalDiTShard:
 
     def compile_segments(self, name: str = "generator") -> SegmentCompiler:
         """Use compiled segments from now on (compiled lazily at their first call: ``precompile``)."""
-        compiler = SegmentCompiler(name)
+        compiler = SegmentCompiler(name, max_tokens=max(self.token_counts()))
         kernels = {}
         for seg, (fn, token_params) in SEGMENTS.items():
             params = list(inspect.signature(fn).parameters)
