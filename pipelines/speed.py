@@ -30,6 +30,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ VARIANTS: dict[str, tuple[bool, dict[str, str], dict[str, Any]]] = {
     "compiled-det": (True, {}, {"deterministic": True}),
     "compiled-autotune": (True, {}, {"deterministic": False}),
     "compiled-static": (True, {}, {"static": True}),
+    "compiled-noepi": (True, {}, {"gelu_epilogue": False}),
+    "eager-noepi": (False, {}, {"gelu_epilogue": False}),
     "fp8": (True, {"fp8_linears": "true"}, {}),
     "fp8-eager": (False, {"fp8_linears": "true"}, {}),
     "float32": (False, {}, {}),
@@ -203,8 +206,59 @@ def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    with _experiment(patches):  # held while the variant runs: eager code reads the knobs at every call
+        t0 = time.perf_counter()
+        if compile_:
+            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype, compile=True)  # type: ignore[call-arg]
+        else:
+            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype)
+        _sync(device)
+        build_s = time.perf_counter() - t0
+        outs, timings = [], []
+        sampler = GpuSampler(device)
+        for k, call in enumerate(calls):
+            c = _cast(call, device, run_dtype)
+            _sync(device)
+            if k == 2:
+                sampler.__enter__()  # the steady chunks
+            t1 = time.perf_counter()
+            out = gen.run(c)
+            _sync(device)
+            wall = (time.perf_counter() - t1) * 1e3
+            outs.append(out.latents.float().cpu())
+            timings.append({**out.timings_ms, "wall": wall})
+        sampler.__exit__()
+        steady = timings[2:] or timings[-1:]
+        med = {k: round(statistics.median(t[k] for t in steady), 1)
+               for k in ("wall", "generator", "recompute", "denoise") if all(k in t for t in steady)}
+        row: dict[str, Any] = {
+            "variant": variant, "preset": preset, "device": str(device),
+            "dtype": str(run_dtype).removeprefix("torch."), "chunks": len(calls), "steady_chunks": len(steady),
+            "build_s": round(build_s, 1), "compile_s": getattr(gen, "compile_s", None),
+            "graphs": getattr(gen, "compile_graphs", None), "chunk_ms": med.get("wall"),
+            "generator_ms": med.get("generator"), "recompute_ms": med.get("recompute"),
+            "denoise_ms": med.get("denoise"), "chunk_ms_all": [round(t["wall"], 1) for t in timings],
+            "fingerprint": gen.fingerprint(),
+        }
+        if profile and len(calls) > 1:
+            try:
+                row["profile"] = profile_chunk(gen, _cast(calls[-1], device, run_dtype), device)
+            except Exception as exc:  # the profiler is a bonus: keep the timings
+                row["profile_error"] = f"{type(exc).__name__}: {exc}"
+        row["late_compiles"] = getattr(gen, "late_compiles", None)
+        row["gpu"] = sampler.summary()
+    if device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    del gen
+    return row, outs
+
+
+@contextlib.contextmanager
+def _experiment(patches: dict[str, Any]) -> Iterator[None]:
+    """An experiment variant's knobs: Inductor config, static token shapes, the GELU epilogue."""
     patches = dict(patches)
     static = patches.pop("static", False)
+    gelu_epilogue = patches.pop("gelu_epilogue", None)
     with contextlib.ExitStack() as stack:
         if patches:
             import torch._inductor.config as inductor_config
@@ -215,49 +269,12 @@ def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, 
 
             stack.callback(setattr, compiling, "DYNAMIC_TOKENS", compiling.DYNAMIC_TOKENS)
             compiling.DYNAMIC_TOKENS = False
-        t0 = time.perf_counter()
-        if compile_:
-            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype, compile=True)  # type: ignore[call-arg]
-        else:
-            gen = factory.build_generator(preset, 0, 1, SoloCommunicator(), device, run_dtype)
-        _sync(device)
-        build_s = time.perf_counter() - t0
-    outs, timings = [], []
-    sampler = GpuSampler(device)
-    for k, call in enumerate(calls):
-        c = _cast(call, device, run_dtype)
-        _sync(device)
-        if k == 2:
-            sampler.__enter__()  # the steady chunks
-        t1 = time.perf_counter()
-        out = gen.run(c)
-        _sync(device)
-        wall = (time.perf_counter() - t1) * 1e3
-        outs.append(out.latents.float().cpu())
-        timings.append({**out.timings_ms, "wall": wall})
-    sampler.__exit__()
-    steady = timings[2:] or timings[-1:]
-    med = {k: round(statistics.median(t[k] for t in steady), 1) for k in ("wall", "generator", "recompute", "denoise")
-           if all(k in t for t in steady)}
-    row: dict[str, Any] = {
-        "variant": variant, "preset": preset, "device": str(device), "dtype": str(run_dtype).removeprefix("torch."),
-        "chunks": len(calls), "steady_chunks": len(steady), "build_s": round(build_s, 1),
-        "compile_s": getattr(gen, "compile_s", None), "graphs": getattr(gen, "compile_graphs", None),
-        "chunk_ms": med.get("wall"), "generator_ms": med.get("generator"), "recompute_ms": med.get("recompute"),
-        "denoise_ms": med.get("denoise"), "chunk_ms_all": [round(t["wall"], 1) for t in timings],
-        "fingerprint": gen.fingerprint(),
-    }
-    if profile and len(calls) > 1:
-        try:
-            row["profile"] = profile_chunk(gen, _cast(calls[-1], device, run_dtype), device)
-        except Exception as exc:  # the profiler is a bonus: keep the timings
-            row["profile_error"] = f"{type(exc).__name__}: {exc}"
-    row["late_compiles"] = getattr(gen, "late_compiles", None)
-    row["gpu"] = sampler.summary()
-    if device.type == "cuda":
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    del gen
-    return row, outs
+        if gelu_epilogue is not None:
+            from pp1.pipelines.reference import blocks
+
+            stack.callback(setattr, blocks, "GELU_EPILOGUE", blocks.GELU_EPILOGUE)
+            blocks.GELU_EPILOGUE = gelu_epilogue
+        yield
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
