@@ -7,7 +7,8 @@
 # Like scripts/device_bench.sh: installs the wheels in .whl/ into /tmp/site, makes `pp1` importable through a
 # symlink shim per checkout (no pip), then runs the tool; JSON lines and logs go to $OUT (default speed-out/).
 # Knobs: PRESET (krea-14b-shape), VARIANTS ("eager compiled fp8"), CHUNKS (6), REFERENCE (float32 | none),
-# PYTHON (python3), DEVICE (cuda).
+# PYTHON (python3), DEVICE (cuda); BENCH=1 then runs `pp1 bench --configs tp:1` too: this checkout with
+# --compile (and with --compile --pipeline-option fp8_linears=true), and BEFORE_ROOT's eager, BENCH_CHUNKS (8).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -50,3 +51,20 @@ PYTHONPATH="/tmp/pp1-shim-after:$SITE" timeout 1500 "$PY" -m pp1.pipelines.speed
   --reference "$REFERENCE" --tag after --compare "$SAVE" --json "$OUT_DIR/speed.jsonl" 2>&1 \
   | grep -v "ActivityProfilerController\|USDT" | tee "$OUT_DIR/speed-after.log"
 rm -rf "$SAVE"
+
+bench() {  # bench SHIM LABEL [extra pp1 bench args]: one TP=1 configuration, as scripts/device_bench.sh runs it
+  local shim_dir=$1 label=$2
+  shift 2
+  echo "device_speed: pp1 bench $label $*" >&2
+  GLOO_SOCKET_IFNAME=lo PYTHONPATH="$shim_dir:$SITE" timeout -k 30 400 "$PY" -m pp1 bench --device "$DEVICE" \
+    --preset "$PRESET" --configs tp:1 --chunks "${BENCH_CHUNKS:-8}" --warmup-chunks 2 --recompute-every 1 \
+    --out "$OUT_DIR" --label "$label" --budget-s 360 --timeout-s 300 --heartbeat-s 2 --watchdog-s 30 \
+    --deadline-floor-s 120 "$@" 2>&1 | grep -E "^\||compiled|ready|failed|error" | tail -8
+}
+if [ "${BENCH:-0}" = 1 ]; then
+  tag=$(nvidia-smi -L 2>/dev/null | head -n1 | sed -E 's/^GPU [0-9]+: (NVIDIA )?([A-Za-z0-9]+).*/\2/' | tr 'A-Z' 'a-z')
+  tag="${tag:-$DEVICE}x1-$PRESET"
+  bench /tmp/pp1-shim-after "$tag-compiled" --compile
+  [ -n "${BEFORE_ROOT:-}" ] && bench /tmp/pp1-shim-before "$tag-eager-before"
+  bench /tmp/pp1-shim-after "$tag-compiled-fp8" --compile --pipeline-option fp8_linears=true
+fi
