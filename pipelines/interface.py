@@ -93,7 +93,14 @@ class PipelineFactory(Protocol):
     ``RunConfig.pipeline_options``; raise ``pp1.pipelines.loader.PipelineOptionError(key, reason)``
     for a key or value it refuses). Without it, a run with options is refused before it starts.
     Optional: ``check_mesh_size(preset, mesh_size)`` raising ValueError when the model cannot be
-    sharded over that many ranks (asked before any process starts)."""
+    sharded over that many ranks (asked before any process starts).
+
+    Optional: ``supports_compile = True`` and a keyword ``compile: bool = False`` on
+    ``build_generator``. With ``--compile`` the runtime calls ``build_generator(..., compile=True)``
+    (``pp1.pipelines.loader.build_generator``); the generator must be compiled for every call shape it
+    can serve before ``build_generator`` returns, without collectives (it runs in the load step: an
+    exception fails the load vote with its cause, and no peer waits), and may expose ``compile_s``
+    (seconds) for the logs. Without ``supports_compile``, ``--compile`` is refused before start."""
 
     name: str
 

@@ -10,7 +10,10 @@ import importlib
 import re
 from collections.abc import Mapping
 
-from .interface import PipelineFactory
+import torch
+
+from .comm import Communicator
+from .interface import Generator, PipelineFactory
 
 DEFAULT_PIPELINE = "pp1.pipelines.reference:factory"
 _PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -104,3 +107,36 @@ def _load(path: str) -> PipelineFactory:
         raise PipelineLoadError(path, f"{attr}() returned a {type(made).__name__} that is not a "
                                 f"PipelineFactory: missing {', '.join(missing)}")
     return made  # type: ignore[return-value]
+
+
+def supports_compile(factory: PipelineFactory) -> bool:
+    """Whether the factory declares ``supports_compile = True`` (its ``build_generator`` takes ``compile``)."""
+    return getattr(factory, "supports_compile", False) is True
+
+
+def require_compile_support(factory: PipelineFactory, path: str) -> None:
+    """Refuse ``--compile`` for a pipeline that does not compile (before any process starts)."""
+    if not supports_compile(factory):
+        raise PipelineLoadError(path, f"pipeline {getattr(factory, 'name', '?')!r} does not compile: its factory "
+                                "does not declare supports_compile = True (build_generator(..., compile=True))")
+
+
+def build_generator(
+    factory: PipelineFactory,
+    preset: str,
+    mesh_rank: int,
+    mesh_size: int,
+    comm: Communicator,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compile: bool = False,
+    path: str = "?",
+) -> Generator:
+    """The runtime's one way to build a generator shard: ``compile=True`` (``--compile``) asks the factory
+    for a compiled one (compiled before this returns: the load step), and refuses a factory that does
+    not declare ``supports_compile``; without it the factory's plain six-argument call."""
+    if not compile:
+        return factory.build_generator(preset, mesh_rank, mesh_size, comm, device, dtype)
+    require_compile_support(factory, path)
+    return factory.build_generator(preset, mesh_rank, mesh_size, comm, device, dtype, compile=True)  # type: ignore[call-arg]

@@ -113,7 +113,7 @@ def measure_vae(
 
 def _block_runner(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype) -> Callable[[], object]:  # type: ignore[no-untyped-def]
     """One block forward owning ``heads`` heads and ``ffn`` FFN columns, full KV window, no all-reduce."""
-    from .reference.blocks import BlockShard
+    from .reference.blocks import BlockShard, Kernels
     from .reference.kv_cache import RollingKVCache
     from .reference.rope import rope_tables
     from .reference.weights import WeightSource
@@ -123,15 +123,18 @@ def _block_runner(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.
         tpf, t = cfg.tokens_per_frame, cfg.latent_frames
         cache = RollingKVCache(1, heads, cfg.head_dim, tpf, cfg.kv_window_frames, t, device, dtype)
         cache.written = cache.next_slot = cache.window_frames  # a full window: attend window + chunk
+        slots, used = cache.plan(t)
         x = torch.randn(t * tpf, cfg.dim, device=device)
         e0 = torch.randn(6, cfg.dim, device=device) * 0.1
+        pending = (torch.zeros(t * tpf, cfg.dim, device=device, dtype=dtype), torch.zeros(cfg.dim, device=device),
+                   torch.zeros(6, cfg.dim, device=device))
         rope = rope_tables(100, t, cfg.grid, cfg.head_dim, device)
         text_kv = block.cross_kv(torch.randn(cfg.text_len, cfg.dim, device=device, dtype=dtype))
-    solo = SoloCommunicator()
+    solo, kernels = SoloCommunicator(), Kernels()
 
     def run() -> object:
         with torch.inference_mode():
-            return block.forward(x, e0, rope, cache, text_kv, solo)
+            return block.forward(x, pending, e0, rope, cache, slots, used, text_kv, solo, kernels)
 
     return run
 

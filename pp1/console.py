@@ -28,6 +28,9 @@ class EventPrinter:
             if key not in self.seen:
                 self.seen.add(key)
                 self.p(f"[startup] rank {rank} {role}: {ev.get('phase')}")
+        elif kind == "compiled":
+            self.p(f"[compiled] rank {rank} {role}: generator compiled in {ev.get('compile_s') or 0:.1f} s "
+                   f"(load {ev.get('load_s') or 0:.1f} s)")
         elif kind == "ready":
             self.p(f"[ready] mesh of {ev.get('mesh_size')} ready after {ev.get('startup_s', 0):.2f} s "
                    f"(warmup {', '.join(f'{x:.0f}' for x in ev.get('warmup_ms', []))} ms)")

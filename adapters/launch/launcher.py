@@ -62,7 +62,12 @@ def check_options(opts: LaunchOptions) -> None:
     """Refuse, before anything starts, what every rank would refuse after startup: the option table's
     checks (sizes, durations, the RunConfig's rules), a pipeline that does not load or refuses an option,
     a preset it does not know, too few GPUs."""
-    from pp1.pipelines.loader import PipelineLoadError, PipelineOptionError, load_factory
+    from pp1.pipelines.loader import (
+        PipelineLoadError,
+        PipelineOptionError,
+        load_factory,
+        require_compile_support,
+    )
 
     options.check(opts, options.RUN)
     try:
@@ -75,6 +80,11 @@ def check_options(opts: LaunchOptions) -> None:
         factory.geometry(opts.preset)
     except Exception as exc:  # the pipeline's own words: unknown preset, bad shape, ...
         raise InvalidOption("--preset", f"{type(exc).__name__}: {exc}") from None
+    if opts.compile:
+        try:
+            require_compile_support(factory, opts.pipeline)
+        except PipelineLoadError as exc:
+            raise InvalidOption("--compile", exc.reason) from None
     if opts.device == "cuda":
         import torch
 

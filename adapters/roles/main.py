@@ -35,7 +35,7 @@ from pp1.fsm.base import FailureCause, ProtocolMachine
 from pp1.fsm.events import DrainRequested
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
-from pp1.pipelines.loader import load_factory
+from pp1.pipelines.loader import build_generator, load_factory
 from pp1.protocol.config import RunConfig
 
 log = logging.getLogger("pp1.adapters.roles.main")
@@ -64,8 +64,15 @@ def build_loader(rt: DistributedRuntime, cfg: RunConfig) -> Callable[[], LoadedP
             loaded.stage0 = factory.build_stage0(cfg.preset, rt.device, dtype)
         if rt.is_mesh_member:
             assert rt.mesh_rank is not None
-            loaded.generator = factory.build_generator(cfg.preset, rt.mesh_rank, rt.mesh_size, MeshCommunicator(rt),
-                                                       rt.device, dtype)
+            # --compile: the generator compiles here, in the load step (a failure fails the load vote)
+            t0 = time.perf_counter()
+            loaded.generator = build_generator(factory, cfg.preset, rt.mesh_rank, rt.mesh_size, MeshCommunicator(rt),
+                                               rt.device, dtype, compile=cfg.compile, path=cfg.pipeline)
+            if cfg.compile:
+                compile_s = getattr(loaded.generator, "compile_s", None)
+                load_s = time.perf_counter() - t0
+                log.info("generator compiled: %s s (load %.1f s)", compile_s, load_s)
+                emit_event("compiled", mesh_rank=rt.mesh_rank, compile_s=compile_s, load_s=round(load_s, 2))
             loaded.fingerprint = loaded.generator.fingerprint()
         return loaded
 

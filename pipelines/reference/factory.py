@@ -8,17 +8,36 @@ from pp1.protocol.geometry import ChunkGeometry
 
 from ..comm import Communicator
 from ..interface import PipelineFactory
+from ..loader import PipelineOptionError
 from .generator import ReferenceGenerator
 from .presets import PRESETS, get_preset
 from .stage0 import ReferenceStage0
 
+OPTIONS = {"fp8_linears": "true | false (default false): the six large linears of every block in float8 "
+           "e4m3 with per-row scales (CUDA, compute capability 8.9+, bfloat16/float16 runs)"}
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
 
 class ReferenceFactory:
     """Random-but-seeded Wan 2.1 / Krea-shaped causal DiT; presets: ``tiny``, ``wan-1.3b-shape``,
-    ``krea-14b-shape``."""
+    ``krea-14b-shape``. Compiles (``--compile``); options: ``OPTIONS``."""
 
     name = "reference"
     presets = tuple(PRESETS)
+    supports_compile = True
+    fp8_linears = False
+
+    def __init__(self, fp8_linears: bool = False) -> None:
+        self.fp8_linears = fp8_linears
+
+    def with_options(self, options: dict[str, str]) -> ReferenceFactory:
+        for key in options:
+            if key not in OPTIONS:
+                raise PipelineOptionError(key, f"unknown option of the reference pipeline; known: {sorted(OPTIONS)}")
+        value = options.get("fp8_linears", "false").strip().lower()
+        if value not in _BOOL:
+            raise PipelineOptionError("fp8_linears", f"expected true or false, got {options['fp8_linears']!r}")
+        return ReferenceFactory(fp8_linears=_BOOL[value])
 
     def geometry(self, preset: str) -> ChunkGeometry:
         return get_preset(preset).geometry()
@@ -44,8 +63,10 @@ class ReferenceFactory:
         comm: Communicator,
         device: torch.device,
         dtype: torch.dtype,
+        compile: bool = False,
     ) -> ReferenceGenerator:
-        return ReferenceGenerator(get_preset(preset), mesh_rank, mesh_size, comm, torch.device(device), dtype)
+        return ReferenceGenerator(get_preset(preset), mesh_rank, mesh_size, comm, torch.device(device), dtype,
+                                  compile=compile, fp8_linears=self.fp8_linears)
 
 
 def factory() -> PipelineFactory:

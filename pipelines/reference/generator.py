@@ -15,10 +15,17 @@ One call (one chunk of ``T`` latent frames at timeline frames ``[k*T, (k+1)*T)``
 
 A call that is not an epoch start (no init/reset) and not a recompute must continue the cache:
 its chunk must start where the cache ends, in the same epoch; anything else is refused.
+
+``compile=True`` (``--compile``): the blocks' segments are compiled with torch.compile and run once
+per possible token count before the constructor returns (the load step: a failure raises and fails
+the load vote with its cause; no collective is involved). ``compile_s`` is that time, ``compile_graphs``
+the graphs built; a serve-time recompile is logged and counted in ``late_compiles``.
+``fp8_linears=True``: the six large linears of every block in float8 e4m3 with per-row scales.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -31,6 +38,8 @@ from .presets import ReferenceConfig
 from .sharding import ShardPlan
 from .weights import mix_seed, seeded_randn
 
+log = logging.getLogger("pp1.pipelines.reference")
+
 
 class ReferenceGenerator:
     def __init__(
@@ -41,6 +50,8 @@ class ReferenceGenerator:
         comm: Communicator,
         device: torch.device,
         dtype: torch.dtype,
+        compile: bool = False,
+        fp8_linears: bool = False,
     ) -> None:
         if comm.size != mesh_size or comm.rank != mesh_rank:
             raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
@@ -51,12 +62,27 @@ class ReferenceGenerator:
         self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)
         if self.plan.local_heads < 1 or self.plan.local_ffn < 1:
             raise ValueError(f"{cfg.name}: mesh of {mesh_size} is larger than {cfg.num_heads} heads")
+        if fp8_linears:
+            check_fp8(self.device, dtype)
         with torch.inference_mode():
-            self.model = CausalDiTShard(cfg, self.plan, comm, self.device, dtype)
+            self.model = CausalDiTShard(cfg, self.plan, comm, self.device, dtype, fp8_linears)
         self._fingerprint = (
             f"reference/{cfg.name}/seed{cfg.weight_seed}/tp{mesh_size}/{str(dtype).removeprefix('torch.')}"
-            f"/{self.device.type}/{self.model.full_digest}"
+            f"/{self.device.type}{'/fp8' if fp8_linears else ''}/{self.model.full_digest}"
         )
+        self.compiled = compile
+        self.compile_s: float | None = None
+        self.compile_graphs = 0
+        if compile:
+            t0 = time.perf_counter()
+            compiler = self.model.compile_segments(f"reference tp rank {mesh_rank}/{mesh_size}")
+            with torch.inference_mode():
+                self.model.precompile()
+            self._sync()
+            self.compile_s = time.perf_counter() - t0
+            self.compile_graphs = compiler.graphs
+            log.info("reference generator %s: %d graphs compiled in %.1f s (inductor %.1f s)", self.plan.describe(),
+                     compiler.graphs, self.compile_s, compiler.compile_s)
         self._epoch: int | None = None
         self._text_src: torch.Tensor | None = None
         self._text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -70,6 +96,11 @@ class ReferenceGenerator:
     def shard_digest(self) -> str:
         """Digest of this rank's own weights (differs per rank; for logs)."""
         return self.model.shard_digest
+
+    @property
+    def late_compiles(self) -> int:
+        """Compilations after the precompile (a shape it did not cover); 0 when all is well."""
+        return self.model.compiler.late_graphs if self.model.compiler is not None else 0
 
     def reset(self) -> None:
         self.model.cache.reset()
@@ -155,3 +186,14 @@ class ReferenceGenerator:
                 "generator": (t3 - t0) * 1e3,
             },
         )
+
+
+def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    """FP8 linears need a CUDA device with FP8 matrix units (compute capability 8.9+) and a 16-bit run dtype."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_linears needs a bfloat16 or float16 run, not {str(dtype).removeprefix('torch.')}")
+    if device.type != "cuda":
+        raise ValueError(f"fp8_linears needs a CUDA device (torch._scaled_mm), not {device.type}")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"fp8_linears needs compute capability 8.9+ (Ada, Hopper), this GPU has "
+                         f"{torch.cuda.get_device_capability(device)}")

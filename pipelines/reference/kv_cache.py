@@ -9,6 +9,11 @@ slots are always a prefix of the buffer (or all of it).
 Writes of a denoising step go to the chunk's slots without committing; ``commit`` keeps what the
 last write left there (the K/V of the last denoising step). ``reset`` empties it; a KV recompute
 is ``reset`` + a write of the context frames + ``commit``.
+
+Layout: token-major ``[capacity tokens, heads, head_dim]`` per block, so a chunk's K/V rows are
+written where the qkv projection computes them (``plan`` gives the rows as an index tensor: the
+compiled block writes them with ``index_copy_``, no Python ints that would specialise a graph) and
+attention reads ``views`` ``[heads, tokens, head_dim]`` (strided, no copy).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ class RollingKVCache:
         self.window_frames = window_frames
         self.slots = window_frames + chunk_frames
         cap = self.slots * tokens_per_frame
-        self.k = [torch.zeros(heads, cap, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
-        self.v = [torch.zeros(heads, cap, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
+        self.device = torch.device(device)
+        self.k = [torch.zeros(cap, heads, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
+        self.v = [torch.zeros(cap, heads, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (next_slot, frames) -> write rows
         self.reset()
 
     def reset(self) -> None:
@@ -59,20 +66,31 @@ class RollingKVCache:
             runs.append((first, 0, frames - first))
         return runs
 
+    def plan(self, frames: int) -> tuple[torch.Tensor, int]:
+        """Where a chunk of ``frames`` frames goes: (its cache rows, int64 ``[frames * tokens_per_frame]``
+        on the cache's device, in token order; rows to attend: the cached window plus the chunk)."""
+        key = (self.next_slot, frames)
+        rows = self._rows.get(key)
+        if rows is None:
+            tpf = self.tokens_per_frame
+            parts = [torch.arange(dst * tpf, (dst + n) * tpf) for _src, dst, n in self._slot_runs(frames)]
+            rows = self._rows[key] = torch.cat(parts).to(self.device)
+        return rows, min(self.written + frames, self.slots) * self.tokens_per_frame
+
+    def views(self, block: int, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``used`` rows of ``block``, ``[heads, used, head_dim]`` (views)."""
+        return self.k[block][:used].transpose(0, 1), self.v[block][:used].transpose(0, 1)
+
     def write(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a chunk's ``k, v`` ``[tokens, heads, head_dim]``; return the keys/values to attend to.
 
         The result is a view of the occupied slots ``[heads, n, head_dim]``: the cached window plus
-        the chunk itself.
+        the chunk itself. (The block does the same inside its fused segment: ``plan`` + ``index_copy_``.)
         """
-        tpf = self.tokens_per_frame
-        frames = k.shape[0] // tpf
-        kb, vb = self.k[block], self.v[block]
-        for src, dst, n in self._slot_runs(frames):
-            kb[:, dst * tpf : (dst + n) * tpf] = k[src * tpf : (src + n) * tpf].transpose(0, 1)
-            vb[:, dst * tpf : (dst + n) * tpf] = v[src * tpf : (src + n) * tpf].transpose(0, 1)
-        used = min(self.written + frames, self.slots) * tpf
-        return kb[:, :used], vb[:, :used]
+        rows, used = self.plan(k.shape[0] // self.tokens_per_frame)
+        self.k[block].index_copy_(0, rows, k)
+        self.v[block].index_copy_(0, rows, v)
+        return self.views(block, used)
 
     def commit(self, frames: int, end_frame: int) -> None:
         """Keep the last write of ``frames`` frames; the window drops the oldest beyond it."""

@@ -3,15 +3,22 @@
 Replicated on every rank (small): patch embedding (Conv3d 1x2x2 as a linear), text embedding,
 time embedding + projection, output head. Sharded: the blocks' heads and FFN columns.
 One ``forward`` is one generator call: it counts itself.
+
+The blocks run as segments (``blocks.py``) through ``self.kernels``: the plain functions, or, after
+``compile_segments()``, their compiled versions (one graph per segment for all blocks and calls,
+compiled before the first call by ``precompile``, which needs no collective).
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
-from ..comm import Communicator
-from .blocks import BlockShard
+from ..comm import Communicator, SoloCommunicator
+from ..compiling import SegmentCompiler
+from .blocks import SEGMENTS, BlockShard, Kernels, Pending
 from .kv_cache import RollingKVCache
 from .presets import PATCH, ReferenceConfig
 from .rope import rope_tables
@@ -49,6 +56,7 @@ class CausalDiTShard:
         comm: Communicator,
         device: torch.device,
         dtype: torch.dtype,
+        fp8_linears: bool = False,
     ) -> None:
         self.cfg, self.plan, self.comm = cfg, plan, comm
         self.device, self.dtype = device, dtype
@@ -67,7 +75,7 @@ class CausalDiTShard:
         self.b_time2 = src.replicated("time_embedding.2.bias", (d,), 0.02).float()
         self.w_tproj = src.replicated("time_projection.1.weight", (6 * d, d), d**-0.5).float()
         self.b_tproj = src.replicated("time_projection.1.bias", (6 * d,), 0.02).float()
-        self.blocks = [BlockShard(cfg, plan, src, i) for i in range(cfg.num_blocks)]
+        self.blocks = [BlockShard(cfg, plan, src, i, fp8_linears) for i in range(cfg.num_blocks)]
         self.head_modulation = src.replicated("head.modulation", (2, d), d**-0.5).float()
         self.w_head = src.replicated("head.head.weight", (pf, d), d**-0.5)
         self.b_head = src.replicated("head.head.bias", (pf,), 0.02)
@@ -79,6 +87,58 @@ class CausalDiTShard:
         self.forward_calls = 0
         self._rope_key: tuple[int, int] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kernels = Kernels()
+        self.compiler: SegmentCompiler | None = None
+
+    # --- compilation ------------------------------------------------------------------------------
+
+    def compile_segments(self, name: str = "generator") -> SegmentCompiler:
+        """Use compiled segments from now on (compiled lazily at their first call: ``precompile``)."""
+        compiler = SegmentCompiler(name, max_tokens=max(self.token_counts()))
+        kernels = {}
+        for seg, (fn, token_params) in SEGMENTS.items():
+            params = list(inspect.signature(fn).parameters)
+            kernels[seg] = compiler.compile(fn, tuple(params.index(p) for p in token_params))
+        self.kernels = Kernels(**kernels)
+        self.compiler = compiler
+        return compiler
+
+    def token_counts(self) -> list[int]:
+        """Every token count a call can bring: a chunk, or a recompute context of 1..window frames."""
+        cfg = self.cfg
+        frames = {cfg.latent_frames, *range(1, cfg.kv_window_frames + 1)}
+        return sorted(f * cfg.tokens_per_frame for f in frames)
+
+    def precompile(self) -> None:
+        """Run every segment once per possible token count on one block with stand-in inputs (no
+        collective: a solo communicator), so that every graph exists before the first real call;
+        then leave the cache empty. Raises ``CompileError`` naming the segment that failed."""
+        cfg, dev = self.cfg, self.device
+        g = torch.Generator(device=dev).manual_seed(0)
+        blk = self.blocks[0]
+        text = torch.randn(cfg.text_len, cfg.dim, generator=g, device=dev).to(self.dtype)
+        text_kv = blk.cross_kv(text)
+        e0 = 0.1 * torch.randn(6, cfg.dim, generator=g, device=dev)
+        e = 0.1 * torch.randn(cfg.dim, generator=g, device=dev)
+        solo = SoloCommunicator()
+        for n in self.token_counts():
+            frames = n // cfg.tokens_per_frame
+            x = torch.randn(n, cfg.dim, generator=g, device=dev)
+            rope = rope_tables(0, frames, cfg.grid, cfg.head_dim, dev)
+            self.cache.reset()
+            slots, used = self.cache.plan(frames)
+            x, pending = blk.forward(x, self._no_pending(x), e0, rope, self.cache, slots, used, text_kv, solo,
+                                     self.kernels)
+            self.kernels.head(x, *pending, e0, self.head_modulation, e, self.w_head, self.b_head, eps=cfg.eps)
+        self.cache.reset()
+        if self.compiler is not None:
+            self.compiler.freeze()
+
+    def _no_pending(self, x: torch.Tensor) -> Pending:
+        """Block 0 has no residual pending: zeros (distinct tensors, as the segments expect)."""
+        d = self.cfg.dim
+        return (torch.zeros(x.shape[0], d, device=self.device, dtype=self.dtype),
+                torch.zeros(d, device=self.device), torch.zeros(6, d, device=self.device))
 
     def embed_text(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block cross-attention K/V of one conditioning (computed once per prompt)."""
@@ -117,11 +177,11 @@ class CausalDiTShard:
         x = F.linear(patchify(latents.to(self.device, self.dtype)), self.w_patch, self.b_patch).float()
         e, e0 = self._time(float(t))
         rope = self._rope_for(frame_start, frames)
+        slots, used = self.cache.plan(frames)
+        pending = self._no_pending(x)
         for block, kv in zip(self.blocks, text_kv, strict=True):
-            x = block.forward(x, e0, rope, self.cache, kv, self.comm)
-        shift, scale = (self.head_modulation + e).unbind(0)
-        x = (F.layer_norm(x, (cfg.dim,), eps=cfg.eps) * (1 + scale) + shift).to(self.dtype)
-        out = F.linear(x, self.w_head, self.b_head).float()
+            x, pending = block.forward(x, pending, e0, rope, self.cache, slots, used, kv, self.comm, self.kernels)
+        out = self.kernels.head(x, *pending, e0, self.head_modulation, e, self.w_head, self.b_head, eps=cfg.eps)
         return unpatchify(out, c, frames, h, w)
 
 

@@ -28,7 +28,7 @@ def rope_tables(
     device: torch.device,
     theta: float = 10000.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each ``[frames*gh*gw, head_dim//2]`` float32, token order (frame, h, w)."""
+    """cos and signed sin per element, each ``[frames*gh*gw, head_dim]`` float32, token order (frame, h, w)."""
     gh, gw = grid
     pf, ph, pw = axis_pairs(head_dim)
     f = torch.arange(frame_start, frame_start + frames, dtype=torch.float64)
@@ -38,13 +38,17 @@ def rope_tables(
     ah = torch.outer(h, _inv_freq(ph, theta))[None, :, None, :].expand(frames, gh, gw, ph)
     aw = torch.outer(w, _inv_freq(pw, theta))[None, None, :, :].expand(frames, gh, gw, pw)
     angles = torch.cat([af, ah, aw], dim=-1).reshape(frames * gh * gw, pf + ph + pw)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    cos, sin = angles.cos(), angles.sin()
+    # per element of a pair (x0, x1): cos for both; -sin for x0, +sin for x1 (see apply_rope)
+    cos2 = cos.repeat_interleave(2, dim=-1)
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return cos2.float().to(device), sin2.float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` ``[tokens, heads, head_dim]`` (computed in float32)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate adjacent pairs of ``x`` ``[tokens, heads, head_dim]`` by the tables of ``rope_tables``:
+    (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), written as ``x * cos + swap_pairs(x) * sin`` (one
+    multiply-add per element, no interleaving stack: it fuses into one pass). Float32."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return xf * cos[:, None, :] + swapped * sin[:, None, :]

@@ -95,9 +95,13 @@ def test_options_go_through_with_options_and_refusals_name_the_key(tmp_path: Pat
         with pytest.raises(PipelineOptionError) as e:
             load_factory("pp1_test_opts_plugin:factory", {"stepz": "2"})
         assert e.value.key == "stepz" and "unknown option" in str(e.value)
-        with pytest.raises(PipelineOptionError) as e:  # the reference takes no options
+        with pytest.raises(PipelineOptionError) as e:  # the reference knows fp8_linears only
             load_factory(DEFAULT_PIPELINE, {"steps": "2"})
-        assert e.value.key == "steps" and "takes no options" in str(e.value)
+        assert e.value.key == "steps" and "unknown option" in str(e.value) and "fp8_linears" in str(e.value)
+        assert load_factory(DEFAULT_PIPELINE, {"fp8_linears": "true"}).fp8_linears is True  # type: ignore[attr-defined]
+        with pytest.raises(PipelineOptionError) as e:
+            load_factory(DEFAULT_PIPELINE, {"fp8_linears": "maybe"})
+        assert e.value.key == "fp8_linears" and "true or false" in str(e.value)
     finally:
         sys.modules.pop("pp1_test_opts_plugin", None)
     assert parse_pipeline_option("checkpoint=/a=b") == ("checkpoint", "/a=b")
