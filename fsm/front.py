@@ -358,7 +358,7 @@ class FrontMachine(RoleMachine):
     def _apply_stop(self) -> None:
         if self.chunk.can_fire("stop"):
             self.chunk.request_stop()
-            self._lifecycle_event("drain")
+            self._lifecycle_drain()
 
     # -- the loop -----------------------------------------------------------------------------------
     def _next(self, now: float) -> list[Intent]:

@@ -453,7 +453,7 @@ class LeaderRelayMachine(RoleMachine):
 
     def on_drain(self, now: float) -> list[Intent]:
         """SIGTERM: finish the call in hand, then wait for SHUTDOWN (the watchdog bounds the wait)."""
-        self._lifecycle_event("drain")
+        self._lifecycle_drain()
         log.info("leader rank=%d drain requested: finishing the call in hand, waiting for SHUTDOWN", self.rank)
         return []
 

@@ -167,15 +167,19 @@ def job_load_status(states: list[str | None]) -> tuple[LoadStatus, str | None]:
     return "loading", min(stages, key=STARTUP_ORDER.index) if stages else None
 
 
+MESH_DRAIN_S = 5.0  # a mesh rank asked to drain waits this long (plus a heartbeat) for the front's SHUTDOWN
+
+
 def drain_bound_s(config: RunConfig, hosts_front: bool, deadline_s: float | None = None) -> float:
     """How long an orderly drain may take before the rank crashes instead. The front (and pure TP's
     rank 0): twice its result deadline (the chunk in flight, then SHUTDOWN's answer) plus two heartbeats
-    and 5 s. A mesh rank waits for the front's SHUTDOWN, but not past the front's own bound with its
-    deadline floor, plus the watchdog."""
+    and 5 s. A mesh rank: the front learns of its drain request within a heartbeat (the job's store), then
+    drains; a mesh rank that hears no SHUTDOWN within ``MESH_DRAIN_S`` + a heartbeat crashes (the front is
+    gone or stuck: the job is failing anyway, and torchrun's teardown must not wait on it)."""
     if hosts_front:
         deadline = config.deadline_floor_s if deadline_s is None else deadline_s
         return 2 * deadline + 2 * config.heartbeat_s + 5
-    return 2 * config.deadline_floor_s + 2 * config.heartbeat_s + config.watchdog_s + 5
+    return MESH_DRAIN_S + config.heartbeat_s
 
 
 class LifecycleMachine(ProtocolMachine):
@@ -284,11 +288,12 @@ class LifecycleMachine(ProtocolMachine):
 
     def signal_verdict(self) -> SignalVerdict:
         """What a signal (SIGTERM / Ctrl-C) means in this state, without changing it (the signal handler
-        runs on another thread than the role's loop): ``drain`` in serving (the role's machine is asked
-        to end in order, and moves the lifecycle to draining itself), ``ignore`` while already draining
-        or ended (the drain is bounded), ``fail`` in every earlier state (the rank is inside a startup
-        collective: it fails at once)."""
-        if self.state == SERVING:
+        runs on another thread than the role's loop). ``drain`` from the channels' warm-up on: the role's
+        machine is asked to end in order (a request before serving is kept and applied once it serves:
+        never lost) and moves the lifecycle to draining itself; ``ignore`` while already draining or
+        ended (the drain is bounded); ``fail`` inside the startup collectives (init .. barrier: the job
+        cannot drain yet; the rank fails at once and the launcher ends the rest)."""
+        if self.state in (WARMING_CHANNELS, WARMUP, SERVING):
             return "drain"
         if self.state == DRAINING or self.is_terminal:
             return "ignore"
@@ -374,10 +379,25 @@ class RoleMachine(ProtocolMachine):
         super().__init__(rank, **ctx)
         self.lifecycle = lifecycle
 
+    _drain_pending = False
+
     def _lifecycle_event(self, event: str) -> None:
         lc = self.lifecycle
         if lc is not None and lc.can_fire(event):
             lc.fire(event)
+            if self._drain_pending and lc.can_fire("drain"):  # a drain asked for before serving, applied now
+                self._drain_pending = False
+                lc.fire("drain")
+
+    def _lifecycle_drain(self) -> None:
+        """The rank is asked to drain: the lifecycle moves to draining now if it serves, else once it does."""
+        lc = self.lifecycle
+        if lc is None:
+            return
+        if lc.can_fire("drain"):
+            lc.fire("drain")
+        elif not lc.is_terminal:
+            self._drain_pending = True
 
     def fail_with(self, reason: str, kind: ErrorKind, blame: int | None = None) -> FailureCause:
         cause = super().fail_with(reason, kind, blame)

@@ -229,7 +229,7 @@ class WorkerLoopMachine(RoleMachine):
 
     def on_drain(self, now: float) -> list[Intent]:
         """SIGTERM: finish the call in hand, then wait for SHUTDOWN (the watchdog bounds the wait)."""
-        self._lifecycle_event("drain")
+        self._lifecycle_drain()
         log.info("worker rank=%d drain requested: waiting for SHUTDOWN (the watchdog bounds the wait)", self.rank)
         return []
 

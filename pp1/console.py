@@ -49,6 +49,8 @@ class EventPrinter:
             self.p(f"[refused] chunk {ev.get('chunk_index')}: {ev.get('reason')}")
         elif kind == "serving":
             self.p(f"[serving] viewer at {ev.get('url')}  (API: {ev.get('url')}docs)")
+        elif kind == "fault_unfired":
+            self.p(f"[fault] rank {rank}: planned faults that never fired: {', '.join(ev.get('faults', []))}")
         elif kind == "failed":
             self.p(f"[failed] rank {rank} {role}: {ev.get('reason')}")
         elif kind == "summary":

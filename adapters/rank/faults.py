@@ -7,7 +7,11 @@ after sending chunk N) | ``relayed:N`` (leader: after relaying chunk N to the wo
 (front: once idle after its chunks).
 ``do``: ``fail`` (raise) | ``kill`` (SIGKILL itself) | ``exit[:code]`` | ``stall[:seconds]`` (sleep;
 default 3600) | ``corrupt_envelope`` / ``unserialisable`` / ``bad_dtype`` (front: the chunk's
-message is broken on purpose, see chunk_engine).
+message is broken on purpose, see the front's engine) | ``perturb_inputs[:x]`` (a mesh rank adds x,
+default 0.25, to the call's noise after it arrived: its inputs drift) | ``perturb_weights[:x]`` (a mesh
+rank adds x, default 0.5, to one weight after loading: its weights drift). A phase entered is a point
+too (``at=warmup``: on entering warmup; any lifecycle state). An unknown point or action is refused at
+start; a fault whose point the run never reached is reported at exit (``fault_unfired`` event).
 
 Each fault fires at most once per process. When ``PP1_FAULT_TIMES=path`` is set, the moment a
 fault fires and every rank's exit are appended to ``path`` as JSON lines (see :func:`record`).
@@ -45,18 +49,58 @@ class Fault:
         return f"rank={self.rank},at={self.at},do={self.do}{':' + self.arg if self.arg else ''}"
 
 
+# Where a fault can fire: a phase entered (every lifecycle state), a moment, or a chunk's step.
+PHASE_POINTS = frozenset({"init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels",
+                          "warmup", "serving", "draining"})
+POINTS = PHASE_POINTS | {"load", "ready", "idle"}
+CHUNK_POINTS = ("chunk", "sent", "relayed")  # chunk:N, sent:N, relayed:N
+ACTIONS = {  # do= -> whether it takes an argument
+    "fail": False, "kill": False, "exit": True, "stall": True, "corrupt_envelope": False, "unserialisable": False,
+    "bad_dtype": False, "perturb_inputs": True, "perturb_weights": True,
+}
+
+
+def _check_point(at: str, part: str) -> None:
+    name, sep, n = at.partition(":")
+    if sep and name in CHUNK_POINTS:
+        if not n.isdigit():
+            raise ValueError(f"{ENV_FAULT}: {part!r}: at={at}: the chunk index must be an integer")
+        return
+    if at not in POINTS:
+        raise ValueError(f"{ENV_FAULT}: {part!r}: unknown point at={at!r}; known: {', '.join(sorted(POINTS))}, "
+                         f"{', '.join(p + ':N' for p in CHUNK_POINTS)}")
+
+
 def parse_faults(spec: str | None) -> list[Fault]:
-    """``"rank=2,at=load,do=fail;..."`` -> faults. Malformed specs raise ValueError."""
+    """``"rank=2,at=load,do=fail;..."`` -> faults. A malformed spec, an unknown point or action raise
+    ValueError naming it (a mistyped fault must not pass a test silently)."""
     out: list[Fault] = []
     for part in (spec or "").split(";"):
         part = part.strip()
         if not part:
             continue
-        kv = dict(item.split("=", 1) for item in part.split(",") if "=" in item)
-        if not {"rank", "at", "do"} <= kv.keys():
-            raise ValueError(f"{ENV_FAULT}: {part!r} needs rank=, at= and do=")
-        do, _, arg = kv["do"].partition(":")
-        out.append(Fault(rank=int(kv["rank"]), at=kv["at"], do=do, arg=arg))
+        items = [item for item in part.split(",") if item.strip()]
+        bad = [item for item in items if "=" not in item]
+        kv = dict(item.split("=", 1) for item in items if "=" in item)
+        unknown = sorted(set(kv) - {"rank", "at", "do"})
+        if bad or unknown or not {"rank", "at", "do"} <= kv.keys():
+            raise ValueError(f"{ENV_FAULT}: {part!r} needs rank=, at= and do= (and nothing else)")
+        try:
+            rank = int(kv["rank"])
+        except ValueError:
+            raise ValueError(f"{ENV_FAULT}: {part!r}: rank must be an integer") from None
+        _check_point(kv["at"], part)
+        do, sep, arg = kv["do"].partition(":")
+        if do not in ACTIONS:
+            raise ValueError(f"{ENV_FAULT}: {part!r}: unknown action do={do!r}; known: {', '.join(sorted(ACTIONS))}")
+        if sep and not ACTIONS[do]:
+            raise ValueError(f"{ENV_FAULT}: {part!r}: do={do} takes no argument")
+        if arg:
+            try:
+                float(arg)
+            except ValueError:
+                raise ValueError(f"{ENV_FAULT}: {part!r}: do={do}:{arg}: the argument must be a number") from None
+        out.append(Fault(rank=rank, at=kv["at"], do=do, arg=arg))
     return out
 
 
@@ -71,6 +115,10 @@ class FaultPlan:
     @classmethod
     def from_env(cls, rank: int) -> FaultPlan:
         return cls(rank, parse_faults(os.environ.get(ENV_FAULT)))
+
+    def unfired(self) -> list[str]:
+        """This rank's faults that never fired (reported at exit: a point the run never reached)."""
+        return [str(f) for f in self.faults if not f.fired]
 
     def check(self, point: str) -> Fault | None:
         for f in self.faults:

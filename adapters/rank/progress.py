@@ -96,6 +96,18 @@ class ProgressBoard:
                     return None
         return self._store
 
+    # -- a drain asked of any rank reaches the front ------------------------------------------------
+    def request_drain(self) -> None:
+        """This rank was asked to drain (SIGTERM): the front drains the whole job once it reads it."""
+        self.publish(drain=True)
+
+    def drain_requested(self) -> int | None:
+        """The rank of a drain request on the board (None: none), read by the front."""
+        for entry in self.snapshot():
+            if entry and entry.get("drain"):
+                return int(entry["rank"])
+        return None
+
     # -- every rank (the front) -------------------------------------------------------------------------
     def snapshot(self) -> list[dict[str, Any] | None]:
         """Every rank's latest entry (None where none was published yet); this rank's from memory."""

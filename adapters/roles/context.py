@@ -40,6 +40,28 @@ class RankContext:
     outcome_sinks: list[Callable[[EngineOutcome], None]] = field(default_factory=list)  # told how the stream ended
     progress: ProgressBoard | None = None  # every rank's progress, through the job's store
 
+    _drain_at: float | None = None
+
+    def request_drain(self, now: float) -> None:
+        """SIGTERM in a phase that drains: the serving loop is asked to end in order (now, or as soon as
+        it exists), and the request is published so the front drains the whole job."""
+        from pp1.fsm.events import DrainRequested
+
+        if self.progress is not None:
+            self.progress.request_drain()
+        if self.executor is not None:
+            self.executor.post(DrainRequested(now))
+        else:
+            self._drain_at = now
+
+    def attach(self, executor: Executor) -> None:
+        """The executor that now owns the rank's loop (a drain asked for before it existed is replayed)."""
+        from pp1.fsm.events import DrainRequested
+
+        self.executor = executor
+        if self._drain_at is not None:
+            executor.post(DrainRequested(self._drain_at))
+
     @property
     def pipeline(self) -> LoadedPipeline:
         assert self.loaded is not None, "the load step has not run"

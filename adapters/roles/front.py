@@ -10,6 +10,7 @@ process behind the in-process channel: its warmup completes before the front's l
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from pp1.adapters.front.engine import FrontEngine
@@ -106,10 +107,13 @@ def _serve(ctx: RankContext, machine: FrontMachine, channel: FrontEnd, ready_at:
         engine.add_sink(sink)
     script.attach(engine)
     engine.started_at = ctx.started_at
-    ctx.executor = ctx.engine = engine
+    ctx.engine = engine
+    ctx.attach(engine)
+    watcher = _DrainWatcher(ctx, engine)
     try:
         outcome = engine.run_to_end()
     finally:
+        watcher.stop()
         if dump is not None:
             dump.close()
     for tell in ctx.outcome_sinks:
@@ -120,6 +124,33 @@ def _serve(ctx: RankContext, machine: FrontMachine, channel: FrontEnd, ready_at:
     write_report(opts.report_json, outcome, config=ctx.config.model_dump(mode="json"), started_at=ctx.started_at,
                  ready_at=ready_at, warmup_ms=warmup_ms or [])
     return _exit_code(ctx, outcome, ready_at)
+
+
+class _DrainWatcher:
+    """A drain asked of any rank (SIGTERM to a mesh rank: published on the job's store) drains the whole
+    job: the front reads the board every ``POLL_S`` and asks its engine to stop (SHUTDOWN goes through the
+    mesh, every rank exits 0)."""
+
+    POLL_S = 0.25
+
+    def __init__(self, ctx: RankContext, engine: FrontEngine) -> None:
+        self.ctx, self.engine = ctx, engine
+        self._stop = threading.Event()
+        if ctx.progress is not None:
+            threading.Thread(target=self._watch, name="pp1-drain-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        board = self.ctx.progress
+        assert board is not None
+        while not self._stop.wait(self.POLL_S):
+            rank = board.drain_requested()
+            if rank is not None:
+                log.warning("rank %d was asked to drain: draining the job", rank)
+                self.engine.request_stop()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _exit_code(ctx: RankContext, outcome: EngineOutcome, ready_at: float | None) -> int:

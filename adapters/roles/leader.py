@@ -108,7 +108,7 @@ def serve_leader(ctx: RankContext) -> int:
     relay = leader_machine(ctx, front_in_process=False)
     executor = LeaderExecutor(relay, p.generator, tp, pp, ctx.rt.device, ctx.faults, recv_timeout_s=cfg.watchdog_s,
                               warm_timeout_s=4 * cfg.watchdog_s, clock=ctx.clock)
-    ctx.executor = executor
+    ctx.attach(executor)
     return mesh_exit(executor.run(relay.start(ctx.clock())))
 
 

@@ -32,7 +32,6 @@ from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
 from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.fsm.base import FailureCause, ProtocolMachine
-from pp1.fsm.events import DrainRequested
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
 from pp1.pipelines.loader import build_generator, load_factory
@@ -98,6 +97,7 @@ class Exiter:
     def __init__(self, rt: DistributedRuntime | None, teardown_s: float,
                  cause: Callable[[], FailureCause | None] = lambda: None) -> None:
         self.rt, self.teardown_s, self.cause = rt, teardown_s, cause
+        self.faults: FaultPlan | None = None
         self._lock = threading.Lock()
 
     def __call__(self, code: int, reason: str, crash: bool) -> None:
@@ -107,6 +107,9 @@ class Exiter:
             (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
             record("exit", rank=rank, role=role, code=code, reason=reason[:300])
             emit_peak_memory(self.rt.device if self.rt else None)
+            if self.faults is not None and self.faults.unfired():
+                log.warning("faults that never fired: %s", self.faults.unfired())
+                emit_event("fault_unfired", faults=self.faults.unfired())
             c = self.cause()
             emit_event("exit", code=code, reason=reason[:500],
                        cause=None if c is None else {"rank": c.rank, "phase": c.phase, "reason": c.reason[:500],
@@ -135,6 +138,22 @@ def _observe(faults: FaultPlan, board: ProgressBoard, role: str) -> Callable[[Pr
     return on_change
 
 
+def _watch_parent(exiter: Exiter, poll_s: float = 0.25) -> None:
+    """No orphans: torchrun starts each rank in its own session, so a rank whose parent died (torchrun
+    SIGKILLed) would run on with parent 1. A daemon thread notices within ``poll_s`` and ends the rank."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                exiter(EXIT_FAILED, f"the parent process {parent} (torchrun) died: no orphan left behind",
+                       crash=True)
+                return
+
+    threading.Thread(target=watch, name="pp1-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] | None = None,
          parser: argparse.ArgumentParser | None = None) -> int:
     """Run this rank. ``ctx_hook`` sees the rank's context before startup (the server attaches here);
@@ -153,6 +172,8 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
     setup_logging(rank, rt.role, opts.log_level)
     lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
     exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure)
+    exiter.faults = faults
+    _watch_parent(exiter)
     board = ProgressBoard(rank, rt.world_size)
     board.publish(role=rt.role, state=lc.state, pid=os.getpid())
     lc.watch(_observe(faults, board, rt.role))
@@ -185,9 +206,9 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         verdict = lc.signal_verdict()
-        if verdict == "drain" and not drain_deadline and ctx.executor is not None:
+        if verdict == "drain" and not drain_deadline:
             log.warning("%s: draining", name)
-            ctx.executor.post(DrainRequested(time.monotonic()))
+            ctx.request_drain(time.monotonic())
             deadline_s = None
             if ctx.engine is not None:
                 try:

@@ -67,5 +67,5 @@ def serve_worker(ctx: RankContext) -> int:
                              mesh_rank=ctx.rt.mesh_rank)
     executor = WorkerExecutor(loop, p.generator, tp, ctx.rt.device, ctx.faults, recv_timeout_s=cfg.watchdog_s,
                               clock=ctx.clock)
-    ctx.executor = executor
+    ctx.attach(executor)
     return mesh_exit(executor.run(loop.start(ctx.clock())))

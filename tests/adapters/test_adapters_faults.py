@@ -20,6 +20,30 @@ def test_parse_faults_rejects_incomplete_spec() -> None:
         parse_faults("rank=1,do=fail")
 
 
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("rank=1,at=lod,do=fail", "unknown point at='lod'"),
+    ("rank=1,at=chunk:x,do=fail", "must be an integer"),
+    ("rank=1,at=load,do=fial", "unknown action do='fial'"),
+    ("rank=1,at=load,do=fail:3", "takes no argument"),
+    ("rank=1,at=load,do=stall:soon", "must be a number"),
+    ("rank=x,at=load,do=fail", "rank must be an integer"),
+    ("rank=1,at=load,do=fail,when=now", "nothing else"),
+])
+def test_a_mistyped_fault_is_refused_naming_what_is_wrong(spec: str, needle: str) -> None:
+    """A mistyped fault must not pass a test silently (issue 11)."""
+    with pytest.raises(ValueError, match=needle):
+        parse_faults(spec)
+
+
+def test_every_lifecycle_phase_is_a_point_and_unfired_faults_are_reported() -> None:
+    from pp1.fsm.lifecycle import MESH_STATES
+
+    fs = parse_faults(";".join(f"rank=0,at={s},do=stall:0" for s in MESH_STATES if s not in ("shutdown", "failed")))
+    plan = FaultPlan(0, fs)
+    plan.check("warmup")
+    assert "rank=0,at=warmup,do=stall:0" not in plan.unfired() and "rank=0,at=serving,do=stall:0" in plan.unfired()
+
+
 def test_plan_fires_only_its_rank_and_only_once(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PP1_FAULT_TIMES", str(tmp_path / "t.jsonl"))
     plan = FaultPlan(1, parse_faults("rank=1,at=load,do=fail;rank=2,at=load,do=fail;rank=1,at=chunk:2,do=corrupt_envelope"))
