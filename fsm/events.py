@@ -91,6 +91,18 @@ class ShardFailed(Event):
 
 
 @dataclass(frozen=True)
+class InputsChecked(Event):
+    HANDLER: ClassVar[str] = "on_inputs_checked"
+    digest: str
+
+
+@dataclass(frozen=True)
+class WeightsChecked(Event):
+    HANDLER: ClassVar[str] = "on_weights_checked"
+    checksum: str
+
+
+@dataclass(frozen=True)
 class MeshWarm(Event):
     HANDLER: ClassVar[str] = "on_mesh_warm"
     now: float

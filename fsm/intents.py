@@ -16,7 +16,7 @@ from pp1.protocol.messages import PPEnvelopeV1, PPResultV1, ReadyV1, TPHeaderV1
 from pp1.protocol.tensors import TensorSpec
 
 __all__ = [
-    "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult", "Barrier", "GatherConfigs", "GatherFingerprints",
+    "EXIT_FAILED", "EXIT_OK", "EXIT_ORPHAN", "AwaitEnvelope", "AwaitHeader", "AwaitReady", "AwaitResult", "Barrier", "CheckInputs", "CheckWeights", "GatherConfigs", "GatherFingerprints",
     "InitGroups", "InitWorld", "Load", "Vote",
     "Decode", "Drop", "Exit", "Idle", "Intent", "KeepLatents", "NextStep", "MakeWarmupTensors", "RecvTensors", "RunShard", "SendEnvelope",
     "SendReady", "SendResult", "SendTP", "Show", "WarmMesh", "WarmPair", "describe",
@@ -171,6 +171,7 @@ class SendTP(Intent):
 
     header: TPHeaderV1
     with_tensors: bool = True
+    digest_inputs: bool = False  # stamp the header with the checksum of its tensors (the workers check it)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,19 @@ class RunShard(Intent):
     received or made just before). Answered by ``ShardDone`` / ``ShardFailed``."""
 
     header: TPHeaderV1
+
+
+@dataclass(frozen=True)
+class CheckInputs(Intent):
+    """Checksum the call's tensors as this rank holds them (received or made); answered by
+    ``InputsChecked``: the machine compares it with the leader's ``header.inputs_digest``."""
+
+    header: TPHeaderV1
+
+
+@dataclass(frozen=True)
+class CheckWeights(Intent):
+    """Checksum this shard's weights as held now; answered by ``WeightsChecked`` (compared with load's)."""
 
 
 @dataclass(frozen=True)

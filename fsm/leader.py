@@ -58,6 +58,7 @@ from .intents import (
     EXIT_OK,
     EXIT_ORPHAN,
     AwaitEnvelope,
+    CheckWeights,
     Exit,
     Intent,
     MakeWarmupTensors,
@@ -69,7 +70,7 @@ from .intents import (
     WarmMesh,
     WarmPair,
 )
-from .lifecycle import LifecycleMachine, RoleMachine
+from .lifecycle import LifecycleMachine, MeshTripwires, RoleMachine
 
 log = logging.getLogger("pp1.fsm.leader")
 
@@ -149,7 +150,7 @@ def warmup_plan(
     return out
 
 
-class LeaderRelayMachine(RoleMachine):
+class LeaderRelayMachine(MeshTripwires, RoleMachine):
     """The mesh leader's relay (mesh rank 0): warms the channels, drives warmup, then receives each
     envelope, validates it, relays it to the workers, runs its shard and replies, one result per
     envelope.
@@ -188,6 +189,8 @@ class LeaderRelayMachine(RoleMachine):
         warm_timeout_s: float = 60.0,
         lifecycle: LifecycleMachine | None = None,
         front_rank: int | None = None,
+        weights_baseline: str | None = None,
+        weights_check_every: int = 0,
         **ctx: Any,
     ) -> None:
         if mesh_size < 1:
@@ -203,6 +206,7 @@ class LeaderRelayMachine(RoleMachine):
         self.watchdog_s = watchdog_s
         self.front_in_process = front_in_process
         self.front_rank = front_rank  # its peer on the PP channel (None: pure TP, the front is in process)
+        self.weights_baseline, self.weights_check_every = weights_baseline, weights_check_every
         self.warm_timeout_s = warm_timeout_s
         self.last_activity_at = now
         self.validate: Validate = validate or self._preflight_validate
@@ -266,7 +270,8 @@ class LeaderRelayMachine(RoleMachine):
         log.info("leader rank=%d warmup done: %d chunks %s ms state=%s", self.rank, len(self._warmup_ms),
                  [round(t, 1) for t in self._warmup_ms], self.state)
         self._lifecycle_event("warmup_done")
-        return [SendReady(ready), *self._next()]
+        check: list[Intent] = [CheckWeights()] if self.weights_baseline is not None else []  # at READY
+        return [*check, SendReady(ready), *self._next()]
 
     def _next(self) -> list[Intent]:
         """Serving: wait for the next envelope (the in-process front of pure TP hands them over)."""
@@ -282,8 +287,8 @@ class LeaderRelayMachine(RoleMachine):
     def _run_header(self, header: TPHeaderV1) -> list[Intent]:
         warmup = header.action is Action.WARMUP
         out: list[Intent] = [MakeWarmupTensors(header)] if warmup else []
-        if self.mesh_size > 1:
-            out.append(SendTP(header, with_tensors=not warmup))  # WARMUP tensors never travel
+        if self.mesh_size > 1:  # WARMUP tensors never travel; every call's are checked by every worker
+            out.append(SendTP(header, with_tensors=not warmup, digest_inputs=bool(header.tensors)))
         out.append(RunShard(header))
         return out
 
@@ -411,7 +416,7 @@ class LeaderRelayMachine(RoleMachine):
             return [Exit(EXIT_OK, f"shutdown (call_id={self.last_call_id})")]
         self.fire("result_sent")  # InvalidEvent unless replying
         log.debug("leader rank=%d result sent (last call_id=%s) state=%s", self.rank, self.last_call_id, self.state)
-        return self._next()
+        return [*([CheckWeights()] if self._weights_due() else []), *self._next()]
 
     # -- the watchdog and fatal errors --------------------------------------------------------------
     def watchdog_deadline(self) -> float:

@@ -405,3 +405,42 @@ class RoleMachine(ProtocolMachine):
         if lc is not None and not lc.is_terminal:
             lc.fail_with(cause.reason, cause.kind, cause.blame)
         return cause
+
+
+class MeshTripwires:
+    """The drift tripwires every mesh rank's machine holds (mixed into the leader relay and the worker
+    loop): the call's inputs as this rank holds them equal the leader's (``inputs_digest``), and the
+    shard's weights as held equal what was loaded (checked at READY and every ``weights_check_every``
+    calls). A mismatch fails this rank (local: its inputs or weights drifted), naming it; never wrong
+    video at exit 0."""
+
+    weights_baseline: str | None = None  # the checksum at load (None: the pipeline cannot say: no check)
+    weights_check_every: int = 0
+    calls_since_check = 0
+
+    def _weights_due(self) -> bool:
+        if self.weights_baseline is None or self.weights_check_every <= 0:
+            return False
+        self.calls_since_check += 1
+        return self.calls_since_check >= self.weights_check_every
+
+    def on_inputs_checked(self, digest: str) -> list[Intent]:
+        header = self.current  # type: ignore[attr-defined]
+        expected = header.inputs_digest if header is not None else ""
+        if expected and digest != expected:
+            return self._drift(f"inputs drift: the tensors of call_id={header.call_id} chunk_index="
+                               f"{header.chunk_index} on rank {self.rank} (checksum {digest}) differ from the "  # type: ignore[attr-defined]
+                               f"leader's ({expected})")
+        return []
+
+    def on_weights_checked(self, checksum: str) -> list[Intent]:
+        self.calls_since_check = 0
+        if self.weights_baseline is not None and checksum != self.weights_baseline:
+            return self._drift(f"weights drift: rank {self.rank}'s weights as held (checksum {checksum}) are "  # type: ignore[attr-defined]
+                               f"not the ones it loaded ({self.weights_baseline})")
+        return []
+
+    def _drift(self, reason: str) -> list[Intent]:
+        self.fail_with(reason, "local")  # type: ignore[attr-defined]
+        log.error("%s", reason)
+        return [Exit(EXIT_FAILED, reason)]

@@ -36,6 +36,8 @@ from .intents import (
     EXIT_OK,
     EXIT_ORPHAN,
     AwaitHeader,
+    CheckInputs,
+    CheckWeights,
     Exit,
     Intent,
     MakeWarmupTensors,
@@ -43,7 +45,7 @@ from .intents import (
     RunShard,
     WarmMesh,
 )
-from .lifecycle import LifecycleMachine, RoleMachine
+from .lifecycle import LifecycleMachine, MeshTripwires, RoleMachine
 
 log = logging.getLogger("pp1.fsm.worker")
 
@@ -71,7 +73,7 @@ EVENT_FOR_ACTION: dict[Action, str] = {
 }
 
 
-class WorkerLoopMachine(RoleMachine):
+class WorkerLoopMachine(MeshTripwires, RoleMachine):
     """A mesh worker's loop (mesh ranks 1..M-1): runs its shard for each relayed header; NOOP
     re-arms the watchdog, SHUTDOWN exits 0, no header for W seconds exits as an orphan.
 
@@ -97,6 +99,8 @@ class WorkerLoopMachine(RoleMachine):
         warm_timeout_s: float | None = None,
         lifecycle: LifecycleMachine | None = None,
         leader_rank: int | None = None,
+        weights_baseline: str | None = None,
+        weights_check_every: int = 0,
         **ctx: Any,
     ) -> None:
         if not (watchdog_s > 0 and math.isfinite(watchdog_s)):
@@ -112,6 +116,7 @@ class WorkerLoopMachine(RoleMachine):
         self.serving = False
         self.headers_seen = 0
         self.geometry = geometry
+        self.weights_baseline, self.weights_check_every = weights_baseline, weights_check_every
         self._last_ids: dict[bool, int | None] = {False: None, True: None}  # warmup? -> last call_id
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -156,7 +161,8 @@ class WorkerLoopMachine(RoleMachine):
             reason = self._check(header, event)
             if reason:
                 return self._exit(EXIT_FAILED, reason, "remote")
-        if header.action is not Action.WARMUP and not self.serving and self.state == WAITING:
+        first_serving = header.action is not Action.WARMUP and not self.serving and self.state == WAITING
+        if first_serving:
             self._lifecycle_event("warmup_done")  # before handling the first serving header
         self.fire(event or "header")  # outside the table (e.g. while running): InvalidEvent
         self._last_ids[header.action == Action.WARMUP] = header.call_id
@@ -166,15 +172,19 @@ class WorkerLoopMachine(RoleMachine):
             self.serving = True
         log.debug("worker rank=%d action=%s call_id=%d chunk_index=%d cache_epoch=%d state=%s",
                   self.rank, header.action.value, header.call_id, header.chunk_index, header.cache_epoch, self.state)
+        check: list[Intent] = [CheckWeights()] if first_serving and self.weights_baseline is not None else []
         if event == "heartbeat":
-            return self._next()
+            return [*check, *self._next()]
         if event == "shutdown":
             self._lifecycle_event("shutdown_received")
             return [Exit(EXIT_OK, f"shutdown (call_id={header.call_id})")]
         self.current = header
         if header.action is Action.WARMUP:  # WARMUP tensors are made from the seed, never sent
-            return [MakeWarmupTensors(header), RunShard(header)]
-        out: list[Intent] = [RecvTensors(header.tensors)] if header.tensors else []
+            out: list[Intent] = [MakeWarmupTensors(header)]
+        else:
+            out = [*check, RecvTensors(header.tensors)] if header.tensors else list(check)
+        if header.inputs_digest:
+            out.append(CheckInputs(header))
         return [*out, RunShard(header)]
 
     def _on_ping(self, header: TPHeaderV1) -> list[Intent]:
@@ -207,7 +217,7 @@ class WorkerLoopMachine(RoleMachine):
         self.fire("shard_done")
         self.last_header_at = now
         self.current = None
-        return self._next()
+        return [*([CheckWeights()] if self._weights_due() else []), *self._next()]
 
     def on_shard_failed(self, reason: str, recoverable: bool = False, peer_lost: bool = False) -> list[Intent]:
         """The shard raised: this rank fails (the leader's collectives fail with it). A collective that

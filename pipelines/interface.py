@@ -75,6 +75,10 @@ class Stage0(Protocol):
 
 @runtime_checkable
 class Generator(Protocol):
+    """Optional: ``held_weights() -> list[torch.Tensor]``, the weights the shard holds now: the runtime
+    checksums them at load, at READY and every few calls, and fails the rank when they changed (a
+    weight tripwire; ``pp1.pipelines.checksum``). Without it, that tripwire is off for the pipeline."""
+
     def run(self, call: ChunkCall) -> ChunkOutput: ...
 
     def reset(self) -> None:

@@ -118,9 +118,12 @@ class PPResultV1(_CallIds):
 
 
 class TPHeaderV1(_CallParams):
-    """Leader -> workers. Carries what a worker needs to run its shard of one call."""
+    """Leader -> workers. Carries what a worker needs to run its shard of one call; ``inputs_digest``: the
+    checksum of the call's tensors as the leader holds them (every worker checks its own against it)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.TP_HEADER
+
+    inputs_digest: str = Field(default="", max_length=64)
 
 
 class ReadyV1(_Message):

@@ -21,6 +21,9 @@ FRAMES_PER_LATENT = 4
 # Samples of the front's rolling p99 of INFER round trips (its result deadline).
 DEADLINE_SAMPLES = 200
 
+# The weight tripwire: every mesh rank checksums its weights as held at READY and every this many calls.
+WEIGHTS_CHECK_EVERY = 64
+
 
 def recompute_due(chunk_index: int, every: int) -> bool:
     """Chunk ``chunk_index`` of an epoch rebuilds the KV cache first iff ``every`` > 0, it is not the

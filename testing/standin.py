@@ -76,6 +76,9 @@ class StandinGenerator:
         self.device, self.dtype = device, dtype
         self.start_frame = 0
 
+    def held_weights(self) -> list[torch.Tensor]:
+        return [self.w1, self.w2, self.cond]
+
     def _step(self, x: torch.Tensor, cond: torch.Tensor, t: int) -> torch.Tensor:
         c = x.shape[0]
         tokens = x.reshape(c, -1).T  # [N, C]

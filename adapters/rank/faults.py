@@ -27,6 +27,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 log = logging.getLogger("pp1.adapters.rank.faults")
 
 ENV_FAULT = "PP1_FAULT"
@@ -140,6 +142,18 @@ class FaultPlan:
                 return None
             return f
         return None
+
+
+def perturb_weights(fault: Fault | None, generator: object) -> bool:
+    """The weight drill: when ``fault`` is ``perturb_weights``, add its amount to the first weight this
+    rank's generator holds (its weights drift after load; the next weights check sees it)."""
+    if fault is None or fault.do != "perturb_weights":
+        return False
+    weights = getattr(generator, "held_weights", lambda: [])()
+    if weights:
+        with torch.inference_mode():  # loaded weights may be inference tensors
+            weights[0].add_(float(fault.arg or 0.5))
+    return bool(weights)
 
 
 def _flush() -> None:

@@ -64,6 +64,7 @@ class LoadedPipeline:
     stage0: Stage0 | None = None
     generator: Generator | None = None
     fingerprint: str = ""
+    weights_checksum: str | None = None  # the shard's weights as loaded (None: the pipeline cannot say)
 
 
 def torch_dtype_of(name: str) -> torch.dtype:

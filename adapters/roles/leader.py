@@ -23,8 +23,10 @@ from pp1.fsm.base import Event, Intent
 from pp1.fsm.events import EnvelopeReceived, PairWarm, ResultSent
 from pp1.fsm.intents import EXIT_OK, AwaitEnvelope, Exit, RecvTensors, SendReady, SendResult, SendTP, WarmPair
 from pp1.fsm.leader import LeaderRelayMachine
+from pp1.pipelines.checksum import checksum
 from pp1.pipelines.interface import Generator
 from pp1.protocol.messages import Action, ReadyV1
+from pp1.protocol.schedule import WEIGHTS_CHECK_EVERY
 
 log = logging.getLogger("pp1.adapters.roles.leader")
 
@@ -51,9 +53,12 @@ class LeaderExecutor(MeshExecutor):
         if isinstance(it, RecvTensors):
             got = self.front.recv_tensors(it.specs, self.recv_timeout_s)
             self.tensors = [] if it.discard else got
+            self.tensors_arrived()
             return None
         if isinstance(it, SendTP):
             h = it.header
+            if it.digest_inputs:  # every worker checks the call's tensors against the leader's
+                h = h.model_copy(update={"inputs_digest": checksum(self.tensors)})
             self.mesh.send_header(h, self.tensors if h.tensors else [], with_tensors=it.with_tensors)
             if h.action is Action.INFER:
                 self.faults.check(f"relayed:{h.chunk_index}")
@@ -84,7 +89,7 @@ class LeaderExecutor(MeshExecutor):
             "envelope %s call_id=%d chunk_index=%d cache_epoch=%d", env.action.value, env.call_id,
             env.chunk_index, env.cache_epoch)
         if env.action is Action.INFER:
-            self.faults.check(f"chunk:{env.chunk_index}")
+            self.check_point(f"chunk:{env.chunk_index}")
         return EnvelopeReceived(env, now)
 
 
@@ -94,7 +99,7 @@ def leader_machine(ctx: RankContext, *, front_in_process: bool) -> LeaderRelayMa
         ctx.rt.rank, p.geometry, ctx.rt.mesh_size, timesteps=p.timesteps, warmup_chunks=cfg.warmup_chunks,
         recompute_every=cfg.recompute_every, seed=cfg.seed, fingerprint=p.fingerprint,
         watchdog_s=None if front_in_process else cfg.watchdog_s, now=ctx.clock(), front_in_process=front_in_process,
-        front_rank=cfg.front_rank,
+        front_rank=cfg.front_rank, weights_baseline=p.weights_checksum, weights_check_every=WEIGHTS_CHECK_EVERY,
         warm_timeout_s=4 * cfg.watchdog_s, lifecycle=ctx.lifecycle, role=ctx.rt.role, mesh_rank=ctx.rt.mesh_rank,
     )
 

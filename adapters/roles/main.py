@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pp1.adapters.rank import options
-from pp1.adapters.rank.faults import FaultPlan, record
+from pp1.adapters.rank.faults import FaultPlan, perturb_weights, record
 from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
 from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.peak_memory import emit_peak_memory
@@ -34,6 +34,7 @@ from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.fsm.base import FailureCause, ProtocolMachine
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
+from pp1.pipelines.checksum import checksum
 from pp1.pipelines.loader import build_generator, load_factory
 from pp1.protocol.config import RunConfig
 
@@ -73,6 +74,8 @@ def build_loader(rt: DistributedRuntime, cfg: RunConfig) -> Callable[[], LoadedP
                 log.info("generator compiled: %s s (load %.1f s)", compile_s, load_s)
                 emit_event("compiled", mesh_rank=rt.mesh_rank, compile_s=compile_s, load_s=round(load_s, 2))
             loaded.fingerprint = loaded.generator.fingerprint()
+            held = getattr(loaded.generator, "held_weights", None)
+            loaded.weights_checksum = checksum(held()) if callable(held) else None
         return loaded
 
     return build
@@ -95,8 +98,9 @@ class Exiter:
     event carries the rank's failure cause (structured: the launcher finds the root cause from them)."""
 
     def __init__(self, rt: DistributedRuntime | None, teardown_s: float,
-                 cause: Callable[[], FailureCause | None] = lambda: None) -> None:
-        self.rt, self.teardown_s, self.cause = rt, teardown_s, cause
+                 cause: Callable[[], FailureCause | None] = lambda: None,
+                 phase: Callable[[], str] = lambda: "?") -> None:
+        self.rt, self.teardown_s, self.cause, self.phase = rt, teardown_s, cause, phase
         self.faults: FaultPlan | None = None
         self._lock = threading.Lock()
 
@@ -111,6 +115,8 @@ class Exiter:
                 log.warning("faults that never fired: %s", self.faults.unfired())
                 emit_event("fault_unfired", faults=self.faults.unfired())
             c = self.cause()
+            if c is None and code != EXIT_OK:  # no machine saw it (a bug, an error outside a step): its own fault
+                c = FailureCause(rank=rank, phase=self.phase(), reason=reason, kind="local")
             emit_event("exit", code=code, reason=reason[:500],
                        cause=None if c is None else {"rank": c.rank, "phase": c.phase, "reason": c.reason[:500],
                                                      "kind": c.kind, "blame": c.blame})
@@ -122,7 +128,8 @@ class Exiter:
             os._exit(code)
 
 
-def _observe(faults: FaultPlan, board: ProgressBoard, role: str) -> Callable[[ProtocolMachine, str, str], None]:
+def _observe(faults: FaultPlan, board: ProgressBoard, role: str,
+             ctx_of: Callable[[], RankContext | None] = lambda: None) -> Callable[[ProtocolMachine, str, str], None]:
     """The lifecycle's observer: the state on every log line, a progress event per phase (stdout and the
     job's store), and the fault point of each phase entered (``at=warmup``: on entering warmup)."""
 
@@ -133,7 +140,10 @@ def _observe(faults: FaultPlan, board: ProgressBoard, role: str) -> Callable[[Pr
         board.publish(role=role, state=state, cause=None if cause is None else {
             "rank": cause.rank, "phase": cause.phase, "reason": cause.reason, "kind": cause.kind,
             "blame": cause.blame})
-        faults.check(state)
+        fault = faults.check(state)
+        ctx = ctx_of()
+        if ctx is not None and ctx.loaded is not None:  # the weight drill (the READY check sees it)
+            perturb_weights(fault, ctx.loaded.generator)
 
     return on_change
 
@@ -171,13 +181,15 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
         return EXIT_USAGE
     setup_logging(rank, rt.role, opts.log_level)
     lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
-    exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure)
+    exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure, phase=lambda: lc.state)
     exiter.faults = faults
     _watch_parent(exiter)
     board = ProgressBoard(rank, rt.world_size)
     board.publish(role=rt.role, state=lc.state, pid=os.getpid())
-    lc.watch(_observe(faults, board, rt.role))
+    holder: list[RankContext] = []
+    lc.watch(_observe(faults, board, rt.role, lambda: holder[0] if holder else None))
     ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults, progress=board)
+    holder.append(ctx)
     if ctx_hook is not None:
         try:
             ctx_hook(ctx)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pp1.adapters.rank.executor import Executor
-from pp1.adapters.rank.faults import FaultPlan
+from pp1.adapters.rank.faults import FaultPlan, perturb_weights
 from pp1.adapters.roles.shard import run_shard, warmup_tensors
 from pp1.adapters.transport.interface import MeshEnd
 from pp1.adapters.transport.runtime import PeerLost
 from pp1.fsm.base import Event, Intent, ProtocolMachine
-from pp1.fsm.events import MeshWarm, ShardDone, ShardFailed
-from pp1.fsm.intents import MakeWarmupTensors, RunShard, WarmMesh
+from pp1.fsm.events import InputsChecked, MeshWarm, ShardDone, ShardFailed, WeightsChecked
+from pp1.fsm.intents import CheckInputs, CheckWeights, MakeWarmupTensors, RunShard, WarmMesh
+from pp1.pipelines.checksum import checksum
 from pp1.pipelines.interface import Generator
 
 log = logging.getLogger("pp1.adapters.roles.mesh")
@@ -35,18 +37,35 @@ class MeshExecutor(Executor):
         self.tensors: list[torch.Tensor] = []  # the call's tensors (received or made)
         self.latents: torch.Tensor | None = None  # the last shard's output
         self.received_at: float | None = None  # when the call's header arrived (leader: its envelope)
+        self._drill: Any = None  # a drift drill waiting for the call's tensors
 
     def perform_mesh(self, it: Intent) -> tuple[bool, Event | None]:
         """(handled, event) for the intents every mesh rank performs."""
         if isinstance(it, MakeWarmupTensors):
             self.tensors = warmup_tensors(it.header, self.device)
             return True, None
+        if isinstance(it, CheckInputs):
+            return True, InputsChecked(checksum(self.tensors))
+        if isinstance(it, CheckWeights):
+            return True, WeightsChecked(checksum(self.generator.held_weights()))  # type: ignore[attr-defined]
         if isinstance(it, RunShard):
             return True, self._run(it)
         if isinstance(it, WarmMesh):
             self.mesh.warm_mesh(self.warm_timeout_s)
             return True, MeshWarm(self.clock())
         return False, None
+
+    def check_point(self, point: str) -> None:
+        """A fault point of ``PP1_FAULT``: process faults fire now; a drift drill waits for the call's tensors."""
+        fault = self.faults.check(point)
+        if fault is not None and not perturb_weights(fault, self.generator):
+            self._drill = fault
+
+    def tensors_arrived(self) -> None:
+        """The call's tensors are in: a pending drift drill perturbs this rank's copy of the noise."""
+        fault, self._drill = self._drill, None
+        if fault is not None and fault.do == "perturb_inputs" and len(self.tensors) > 1:
+            self.tensors[1] = self.tensors[1] + float(fault.arg or 0.25)
 
     def _run(self, it: RunShard) -> Event:
         h = it.header

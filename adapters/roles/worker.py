@@ -24,6 +24,7 @@ from pp1.fsm.intents import AwaitHeader, RecvTensors
 from pp1.fsm.worker import WorkerLoopMachine
 from pp1.pipelines.interface import Generator
 from pp1.protocol.messages import Action
+from pp1.protocol.schedule import WEIGHTS_CHECK_EVERY
 
 log = logging.getLogger("pp1.adapters.roles.worker")
 
@@ -45,10 +46,11 @@ class WorkerExecutor(MeshExecutor):
             if header.action is Action.INFER:
                 log.info("header infer call_id=%d chunk_index=%d cache_epoch=%d", header.call_id,
                          header.chunk_index, header.cache_epoch)
-                self.faults.check(f"chunk:{header.chunk_index}")
+                self.check_point(f"chunk:{header.chunk_index}")
             return HeaderReceived(header, self.clock())
         if isinstance(it, RecvTensors):
             self.tensors = self.mesh.recv_tensors(it.specs, self.recv_timeout_s)
+            self.tensors_arrived()
             return None
         raise TypeError(f"worker: no way to perform {it!r}")
 
@@ -63,6 +65,7 @@ def serve_worker(ctx: RankContext) -> int:
     tp = TPChannel(ctx.rt, p.geometry, send_timeout_s=cfg.watchdog_s)
     loop = WorkerLoopMachine(ctx.rt.rank, watchdog_s=cfg.watchdog_s, now=ctx.clock(), geometry=p.geometry,
                              heartbeat_s=cfg.heartbeat_s, lifecycle=ctx.lifecycle, leader_rank=cfg.leader_rank,
+                             weights_baseline=p.weights_checksum, weights_check_every=WEIGHTS_CHECK_EVERY,
                              role=ctx.rt.role,
                              mesh_rank=ctx.rt.mesh_rank)
     executor = WorkerExecutor(loop, p.generator, tp, ctx.rt.device, ctx.faults, recv_timeout_s=cfg.watchdog_s,

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from ..checksum import held_tensors
 from ..comm import Communicator
 from ..contract import InvalidChunkCall, check_call
 from ..interface import ChunkCall, ChunkOutput
@@ -96,6 +97,10 @@ class ReferenceGenerator:
     def shard_digest(self) -> str:
         """Digest of this rank's own weights (differs per rank; for logs)."""
         return self.model.shard_digest
+
+    def held_weights(self) -> list[torch.Tensor]:
+        """The weights this shard holds now (the runtime's weight tripwire checksums them)."""
+        return held_tensors(self.model)
 
     @property
     def late_compiles(self) -> int:

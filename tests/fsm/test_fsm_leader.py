@@ -65,7 +65,7 @@ def test_warmup_drives_chunks_then_sends_ready() -> None:
         assert r.state == "warming"
         assert [type(x) for x in intents] == [MakeWarmupTensors, SendTP, RunShard]  # tensors from the seed
         h = intents[0].header
-        assert intents[1] == SendTP(h, with_tensors=False)  # the WARMUP header travels alone
+        assert intents[1] == SendTP(h, with_tensors=False, digest_inputs=True)  # travels alone, its checksum stamped
         assert intents[2].header == h and h.action is Action.WARMUP and h.call_id == i
         validate_tp_header(h, GEOMETRY, seen[-1].call_id if seen else None)
         seen.append(h)

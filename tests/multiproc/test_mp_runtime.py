@@ -157,3 +157,25 @@ def test_fault_every_survivor_exits_within_bound(name: str, tmp_path) -> None:
     res = run_scenario(SCENARIOS[name], workdir=tmp_path)
     _save(res.record())
     assert not res.problems(), _fail_msg(res.job, f"{name}: {res.problems()} detect_s={res.detect_s}")
+
+
+# -- drift tripwires: a rank whose inputs or weights drift fails the call, named; never wrong video at exit 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("fault", "rank", "what"), [
+    ("rank=2,at=chunk:2,do=perturb_inputs", 2, "inputs drift"),
+    ("rank=2,at=warmup,do=perturb_weights", 2, "weights drift"),
+    ("rank=1,at=warmup,do=perturb_weights", 1, "weights drift"),
+])
+def test_drift_fails_the_job_naming_the_rank(fault: str, rank: int, what: str, tmp_path) -> None:
+    job = LocalJob(3, [*BASE_ARGS, "--topology", "pp1", "--tp", "2", "--chunks", "5"], env={"PP1_FAULT": fault},
+                   workdir=tmp_path)
+    with job:
+        codes = job.wait_all(60)
+    assert all(c not in (0, None) for c in codes.values()), _fail_msg(job, "a rank exited 0 with drifted state")
+    exits = [e for e in job.events(rank) if e.get("event") == "exit"]
+    cause = exits[-1].get("cause") if exits else None
+    assert cause and cause["rank"] == rank and cause["kind"] == "local" and what in cause["reason"], \
+        _fail_msg(job, f"rank {rank}'s exit cause: {cause}")
+    assert not [c for c in job.report().get("chunks", []) if c["chunk_index"] >= 2 and what == "inputs drift"]
