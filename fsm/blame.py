@@ -6,7 +6,8 @@ that noticed. The rules, in order:
 
 1. A rank that died without a word (killed, crashed before it could report) is the root: whatever the
    others saw followed from it.
-2. Else a local cause (a rank whose own work failed, or that broke the protocol itself).
+2. Else a local cause (a rank whose own work failed, or that broke the protocol itself), with what a
+   peer that blames it saw (a stalled rank's own cause may only say its drain ran out).
 3. Else a remote cause that names the peer at fault (``FailureCause.blame``): that peer is blamed, with
    the reporter's account.
 4. Else any remote cause (a peer, not known which).
@@ -17,6 +18,7 @@ Pure: the launcher (events of every rank) and the server (the job's progress boa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .base import FailureCause
 
@@ -40,7 +42,11 @@ def root_cause(reports: Mapping[int, FailureCause], silent: Mapping[int, str] | 
         return None
     local = sorted((c for c in reports.values() if c.kind == "local"), key=_order)
     if local:
-        return local[0]
+        c = local[0]
+        seen = sorted((r for r in reports.values() if r.kind == "remote" and r.blame == c.rank), key=_order)
+        if not seen:
+            return c
+        return replace(c, reason=f"{c.reason}; {who(seen[0].rank)} saw: {seen[0].reason}")
     blamed = sorted((c for c in reports.values() if c.blame is not None), key=_order)
     if blamed:
         c = blamed[0]

@@ -29,6 +29,7 @@ MACHINE_REGISTRY: tuple[tuple[str, str], ...] = (
     ("pp1.fsm.chunk", "ChunkMachine"),
     ("pp1.fsm.kv_cache", "KVCacheMachine"),
     ("pp1.fsm.session", "SessionMachine"),
+    ("pp1.fsm.liveness", "DeviceLivenessMachine"),
 )
 
 INDEX_FILE = "README.md"

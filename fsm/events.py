@@ -7,6 +7,7 @@ out, a broken channel) and requests from outside the loop (a signal, a stop, a h
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -254,3 +255,40 @@ class FingerprintsGathered(Event):
 class BarrierPassed(Event):
     HANDLER: ClassVar[str] = "on_barrier"
     min_verdict: int
+
+
+# -- the device liveness watch (fsm/liveness.py) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceWait:
+    """One outstanding device op of this rank: ``group`` (mesh_dev, pair_dev) and its global ranks
+    (``members``: only they can hold the op up), ``purpose``, ``seq``
+    (the collective's number on that group on this rank; None for a p2p op), ``since`` (when it began)."""
+
+    group: str
+    members: tuple[int, ...]
+    purpose: str
+    since: float
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class PeerBeat:
+    """A peer's latest entry on the job's store: ``mark`` changes whenever it publishes (its beat),
+    ``state``: its lifecycle's state, ``seqs``: the last collective it entered, per device group."""
+
+    mark: str
+    state: str | None = None
+    seqs: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LivenessObserved(Event):
+    """The monitor's periodic observation: this rank's outstanding device ops and every watched peer's
+    latest beat (None: nothing read for it yet)."""
+
+    HANDLER: ClassVar[str] = "on_observed"
+    now: float
+    waits: tuple[DeviceWait, ...]
+    peers: Mapping[int, PeerBeat | None]

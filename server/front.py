@@ -63,8 +63,8 @@ def blend(conditionings: list[torch.Tensor], weights: list[float]) -> torch.Tens
 
 
 def _cause(entry: dict[str, Any] | None) -> Cause | None:
-    c = (entry or {}).get("cause")
-    return Cause(**c) if c else None
+    c = (entry or {}).get("cause")  # the board is loose data: take the fields the API knows
+    return Cause(**{k: v for k, v in c.items() if k in Cause.model_fields}) if c else None
 
 
 class RankFront:
@@ -247,7 +247,8 @@ class RankFront:
         if own is not None:
             reports[ctx.rt.rank] = own
         root = root_cause(reports, roles={r.rank: r.role for r in ranks})
-        failure = Cause(rank=root.rank, phase=root.phase, reason=root.reason, kind=root.kind) if root else None
+        failure = (Cause(rank=root.rank, phase=root.phase, reason=root.reason, kind=root.kind, blame=root.blame)
+                   if root else None)
         engine = ctx.engine
         counters = ChunkCounters()
         if engine is not None:

@@ -155,6 +155,7 @@ class Cause(_Frozen):
     phase: str
     reason: str
     kind: Literal["local", "remote"]
+    blame: int | None = Field(default=None, description="remote: the peer's global rank this rank blames, when known")
 
 
 class RankStatus(_Frozen):

@@ -3,7 +3,8 @@ parity-checked RunConfig): ``PP1_FAULT="rank=2,at=load,do=fail;rank=1,at=chunk:3
 
 ``at``: ``load`` | ``warmup`` | ``ready`` | ``chunk:N`` (front: before sending chunk N's envelope;
 leader: on receiving it, before relaying; worker: on its TP header) | ``sent:N`` (front: right
-after sending chunk N) | ``relayed:N`` (leader: after relaying chunk N to the workers) | ``idle``
+after sending chunk N) | ``relayed:N`` (leader: after relaying chunk N to the workers) | ``shard:N``
+(a mesh rank: chunk N's tensors are in, its shard is about to run: inside the mesh's collectives) | ``idle``
 (front: once idle after its chunks).
 ``do``: ``fail`` (raise) | ``kill`` (SIGKILL itself) | ``exit[:code]`` | ``stall[:seconds]`` (sleep;
 default 3600) | ``corrupt_envelope`` / ``unserialisable`` / ``bad_dtype`` (front: the chunk's
@@ -55,7 +56,7 @@ class Fault:
 PHASE_POINTS = frozenset({"init", "parity", "loading", "voting", "fingerprint", "barrier", "warming_channels",
                           "warmup", "serving", "draining"})
 POINTS = PHASE_POINTS | {"load", "ready", "idle"}
-CHUNK_POINTS = ("chunk", "sent", "relayed")  # chunk:N, sent:N, relayed:N
+CHUNK_POINTS = ("chunk", "sent", "relayed", "shard")  # chunk:N, sent:N, relayed:N, shard:N
 ACTIONS = {  # do= -> whether it takes an argument
     "fail": False, "kill": False, "exit": True, "stall": True, "corrupt_envelope": False, "unserialisable": False,
     "bad_dtype": False, "perturb_inputs": True, "perturb_weights": True,

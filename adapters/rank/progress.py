@@ -109,6 +109,20 @@ class ProgressBoard:
         return None
 
     # -- every rank (the front) -------------------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any] | None]:
+        """Every rank's latest entry, read now; raises when the store cannot be read (unlike
+        :meth:`snapshot`, which shows what it could)."""
+        store = self._connect()
+        if store is None:
+            raise ConnectionError("the job's store is not reachable yet")
+        out: list[dict[str, Any] | None] = [None] * self.world_size
+        out[self.rank] = dict(self.latest) if self.latest else None
+        for r in range(self.world_size):
+            key = _key(self.attempt, r)
+            if r != self.rank and store.check([key]):
+                out[r] = json.loads(store.get(key).decode())
+        return out
+
     def snapshot(self) -> list[dict[str, Any] | None]:
         """Every rank's latest entry (None where none was published yet); this rank's from memory."""
         out: list[dict[str, Any] | None] = [None] * self.world_size

@@ -23,6 +23,7 @@ from typing import Any
 
 from pp1.adapters.rank import options
 from pp1.adapters.rank.faults import FaultPlan, perturb_weights, record
+from pp1.adapters.rank.liveness import LivenessMonitor
 from pp1.adapters.rank.observe import emit_event, set_state, setup_logging
 from pp1.adapters.rank.options import JobOptions
 from pp1.adapters.rank.peak_memory import emit_peak_memory
@@ -181,11 +182,14 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
         return EXIT_USAGE
     setup_logging(rank, rt.role, opts.log_level)
     lc = make_lifecycle(rt.role, rank, mesh_rank=rt.mesh_rank)
-    exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure, phase=lambda: lc.state)
+    board = ProgressBoard(rank, rt.world_size)
+    monitor = LivenessMonitor(rank, rt.world_size, rt.device_waits, board,
+                              on_exit=lambda code, reason: exiter(code, reason, crash=True), role=rt.role)
+    exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure or monitor.failure, phase=lambda: lc.state)
     exiter.faults = faults
     _watch_parent(exiter)
-    board = ProgressBoard(rank, rt.world_size)
     board.publish(role=rt.role, state=lc.state, pid=os.getpid())
+    monitor.start()  # device ops whose peer died or stalled end within seconds
     holder: list[RankContext] = []
     lc.watch(_observe(faults, board, rt.role, lambda: holder[0] if holder else None))
     ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults, progress=board)

@@ -19,6 +19,7 @@ from pp1.fsm.events import InputsChecked, MeshWarm, ShardDone, ShardFailed, Weig
 from pp1.fsm.intents import CheckInputs, CheckWeights, MakeWarmupTensors, RunShard, WarmMesh
 from pp1.pipelines.checksum import checksum
 from pp1.pipelines.interface import Generator
+from pp1.protocol.messages import Action
 
 log = logging.getLogger("pp1.adapters.roles.mesh")
 
@@ -69,6 +70,8 @@ class MeshExecutor(Executor):
 
     def _run(self, it: RunShard) -> Event:
         h = it.header
+        if h.action is Action.INFER:
+            self.check_point(f"shard:{h.chunk_index}")
         try:
             out, ms = run_shard(self.generator, h, self.tensors)
         except Exception as exc:

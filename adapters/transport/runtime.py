@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from pp1.adapters.transport.device_waits import ENV_DOUBLE, BlockingDeviceDouble, DeviceWaits
 from pp1.protocol.config import Role, RunConfig
 from pp1.protocol.errors import LocalProtocolError
 
@@ -126,6 +127,9 @@ class DistributedRuntime:
         self.device = self._pick_device(device)
         self.groups = Groups()
         self.initialised = False
+        self.device_waits = DeviceWaits()  # outstanding device ops (the liveness monitor reads them)
+        self._double: BlockingDeviceDouble | None = None  # PP1_DEVICE_DOUBLE=blocking (CPU tests)
+        self._double_wanted = os.environ.get(ENV_DOUBLE, "") == "blocking" and self.device.type == "cpu"
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -207,7 +211,12 @@ class DistributedRuntime:
         agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), self.world_size,
                               is_master=not agent and self.rank == 0, timeout=self._timeout)
-        return dist.PrefixStore(f"pp1/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        store = dist.PrefixStore(f"pp1/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        if self._double_wanted:
+            self._double = BlockingDeviceDouble(store, self.rank)
+            log.warning("%s %s=blocking: device collectives wait for dead peers without a bound", self.ids,
+                        ENV_DOUBLE)
+        return store
 
     def init_groups(self) -> Groups:
         """Every topology-dependent group, in ONE fixed order on every rank (call after parity:
@@ -287,14 +296,16 @@ class DistributedRuntime:
     def all_reduce(
         self, t: torch.Tensor, op: Any, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
-        self._op(group, purpose, timeout_s, lambda: dist.all_reduce(t, op=op, group=group, async_op=True))
+        self._op(group, purpose, timeout_s, lambda: dist.all_reduce(t, op=op, group=group, async_op=True),
+                 collective=True)
         return t
 
     def broadcast(
         self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
         """``src`` is a global rank."""
-        self._op(group, purpose, timeout_s, lambda: dist.broadcast(t, src=src, group=group, async_op=True))
+        self._op(group, purpose, timeout_s, lambda: dist.broadcast(t, src=src, group=group, async_op=True),
+                 collective=True)
         return t
 
     def send(self, t: torch.Tensor, dst: int, group: Any, purpose: str, timeout_s: float | None = None) -> None:
@@ -306,14 +317,35 @@ class DistributedRuntime:
         self._op(group, purpose, timeout_s, lambda: dist.irecv(t, src=src, group=group))
         return t
 
-    def _op(self, group: Any, purpose: str, timeout_s: float | None, start: Callable[[], Any]) -> None:
-        """Check the group for ``purpose``, start the async op, wait for it (bounded: a timeout poisons)."""
+    def _op(self, group: Any, purpose: str, timeout_s: float | None, start: Callable[[], Any],
+            collective: bool = False) -> None:
+        """Check the group for ``purpose``, start the async op, wait for it (bounded: a timeout poisons).
+        An op on a device group is outstanding (``device_waits``) until it completed on the device."""
         self.check_group(group, purpose)
+        if self.is_cpu_group(group):
+            self._start_and_wait(purpose, timeout_s, start)
+            return
+        name = self.groups.name_of(group)
+        members = dist.get_process_group_ranks(group)
+        token, seq = self.device_waits.begin(name, members, purpose, collective)
+        try:
+            if self._double is not None and seq is not None:
+                self._double.meet(name, seq, members)
+            self._start_and_wait(purpose, timeout_s, start, lambda w: self.device_waits.attach(token, w))
+        except BaseException:
+            self.device_waits.end(token)
+            raise
+        self.device_waits.settle(token)
+
+    def _start_and_wait(self, purpose: str, timeout_s: float | None, start: Callable[[], Any],
+                        started: Callable[[Any], None] = lambda w: None) -> Any:
         try:
             work = start()
         except RuntimeError as exc:
             raise PeerLost(purpose, str(exc)[:300]) from exc
+        started(work)
         self._wait(work, purpose, timeout_s, poisonable=True)
+        return work
 
     # -- teardown ----------------------------------------------------------------------------------
     def teardown(self, bound_s: float = 3.0) -> bool:

@@ -18,7 +18,10 @@ def test_nothing_failed() -> None:
 
 def test_a_local_cause_is_the_root_whatever_the_echoes_say() -> None:
     local = FailureCause(rank=2, phase="running", reason="shard failed: boom", kind="local")
-    assert root_cause({0: remote(0, 1), 1: remote(1, 2), 2: local}, roles=ROLES) is local
+    root = root_cause({0: remote(0, 1), 1: remote(1, 2), 2: local}, roles=ROLES)
+    assert root is not None and (root.rank, root.kind) == (2, "local")
+    # its own reason first, then what the rank that blames it saw (a stall: "drain did not finish" alone says little)
+    assert root.reason == "shard failed: boom; rank 1 (leader) saw: channel broke"
 
 
 def test_echoes_name_the_blamed_peer_not_the_rank_that_noticed() -> None:
