@@ -275,10 +275,10 @@ def _experiment(patches: dict[str, Any]) -> Iterator[None]:
             stack.callback(setattr, compiling, "DYNAMIC_TOKENS", compiling.DYNAMIC_TOKENS)
             compiling.DYNAMIC_TOKENS = False
         if gelu_epilogue is not None:
-            from pp1.pipelines.reference import blocks
+            from pp1.pipelines.dit import segments
 
-            stack.callback(setattr, blocks, "GELU_EPILOGUE", blocks.GELU_EPILOGUE)
-            blocks.GELU_EPILOGUE = gelu_epilogue
+            stack.callback(setattr, segments, "GELU_EPILOGUE", segments.GELU_EPILOGUE)
+            segments.GELU_EPILOGUE = gelu_epilogue
         yield
 
 
