@@ -110,8 +110,9 @@ class BlockShard:
             self.w_co, self.s_co = seg.quantize_fp8_rows(self.w_co)
             self.w_up, self.s_up = seg.quantize_fp8_rows(self.w_up)
             self.w_down, self.s_down = seg.quantize_fp8_rows(self.w_down)
-        self.fused = {"heads": self.heads, "head_dim": hd, "eps": cfg.eps, "all_heads": self.all_heads}
-        self.split = {"heads": self.heads, "head_dim": hd, "dim": d, "eps": cfg.eps}
+        # the static (keyword-only) arguments of the segments
+        self.fused_static = {"heads": self.heads, "head_dim": hd, "eps": cfg.eps, "all_heads": self.all_heads}
+        self.split_static = {"heads": self.heads, "head_dim": hd, "dim": d, "eps": cfg.eps}
 
     @property
     def local_features(self) -> int:
@@ -157,10 +158,11 @@ class BlockShard:
             x, qkv, sq = kernels.attn_qkv(x, y, b, prev_mod, e0, mod, self.w_qkv, self.b_qkv, self.s_qkv,
                                           eps=self.cfg.eps)
             comm.all_reduce_sum_(sq)
-            q = kernels.attn_rope(qkv, sq, self.norm_q, self.norm_k, rope[0], rope[1], kc, vc, slots, **self.split)
+            q = kernels.attn_rope(qkv, sq, self.norm_q, self.norm_k, rope[0], rope[1], kc, vc, slots,
+                                  **self.split_static)
         else:
             x, q = kernels.attn_in(x, y, b, prev_mod, e0, mod, self.w_qkv, self.b_qkv, self.s_qkv, self.norm_q,
-                                   self.norm_k, rope[0], rope[1], kc, vc, slots, **self.fused)
+                                   self.norm_k, rope[0], rope[1], kc, vc, slots, **self.fused_static)
         keys, values = cache.views(self.index, used)
         y = kernels.attn_out(seg.attend(q, keys, values, mask), self.w_o, self.s_o)
         comm.all_reduce_sum_(y)
@@ -168,10 +170,12 @@ class BlockShard:
             x, cq, sq = kernels.cross_q(x, y, self.b_o, e0, mod, self.norm3_w, self.norm3_b, self.w_cq, self.b_cq,
                                         self.s_cq, eps=self.cfg.eps)
             comm.all_reduce_sum_(sq)
-            y = kernels.cross_out(cq, sq, self.cnorm_q, text_kv[0], text_kv[1], self.w_co, self.s_co, **self.split)
+            y = kernels.cross_out(cq, sq, self.cnorm_q, text_kv[0], text_kv[1], self.w_co, self.s_co,
+                                   **self.split_static)
         else:
             x, y = kernels.cross(x, y, self.b_o, e0, mod, self.norm3_w, self.norm3_b, self.w_cq, self.b_cq,
-                                 self.s_cq, self.cnorm_q, text_kv[0], text_kv[1], self.w_co, self.s_co, **self.fused)
+                                 self.s_cq, self.cnorm_q, text_kv[0], text_kv[1], self.w_co, self.s_co,
+                                 **self.fused_static)
         comm.all_reduce_sum_(y)
         x, y = kernels.ffn(x, y, self.b_co, e0, mod, self.w_up, self.b_up, self.s_up, self.w_down, self.s_down,
                            eps=self.cfg.eps)
