@@ -45,6 +45,17 @@ class PipelineOptionError(ValueError):
         super().__init__(f"pipeline option {key!r}: {reason}")
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """A yes/no pipeline option (true/false, 1/0, yes/no, on/off); PipelineOptionError naming ``key`` else."""
+    flag = BOOLEANS.get(value.strip().lower())
+    if flag is None:
+        raise PipelineOptionError(key, f"expected true or false, got {value!r}")
+    return flag
+
+
 def parse_pipeline_option(text: str) -> tuple[str, str]:
     """``"KEY=VALUE"`` -> (key, value); ValueError saying what is wrong for anything else."""
     key, sep, value = text.partition("=")

@@ -113,24 +113,26 @@ def measure_vae(
 
 def _block_runner(cfg, heads: int, ffn: int, device: torch.device, dtype: torch.dtype) -> Callable[[], object]:  # type: ignore[no-untyped-def]
     """One block forward owning ``heads`` heads and ``ffn`` FFN columns, full KV window, no all-reduce."""
-    from .reference.blocks import BlockShard, Kernels
-    from .reference.kv_cache import RollingKVCache
-    from .reference.rope import rope_tables
-    from .reference.weights import WeightSource
+    from .dit.block import BlockShard
+    from .dit.kv_cache import RollingKVCache
+    from .dit.rope import rope_tables
+    from .dit.segments import Kernels
+    from .reference.weights import WeightSource, init_rule
 
     with torch.inference_mode():
-        block = BlockShard(cfg, _SlicedPlan(cfg, heads, ffn), WeightSource(cfg.weight_seed, device, dtype), 0)  # type: ignore[arg-type]
+        src = WeightSource(cfg.weight_seed, device, dtype, init_rule(cfg.num_blocks))
+        block = BlockShard(cfg.dit(), _SlicedPlan(cfg, heads, ffn), src, 0)
         tpf, t = cfg.tokens_per_frame, cfg.latent_frames
         cache = RollingKVCache(1, heads, cfg.head_dim, tpf, cfg.kv_window_frames, t, device, dtype)
         cache.written = cache.next_slot = cache.window_frames  # a full window: attend window + chunk
         slots, used = cache.plan(t)
         x = torch.randn(t * tpf, cfg.dim, device=device)
-        e0 = torch.randn(6, cfg.dim, device=device) * 0.1
+        e0 = torch.randn(1, 6, cfg.dim, device=device) * 0.1
         pending = (torch.zeros(t * tpf, cfg.dim, device=device, dtype=dtype), torch.zeros(cfg.dim, device=device),
                    torch.zeros(6, cfg.dim, device=device))
         rope = rope_tables(100, t, cfg.grid, cfg.head_dim, device)
-        text_kv = block.cross_kv(torch.randn(cfg.text_len, cfg.dim, device=device, dtype=dtype))
-    solo, kernels = SoloCommunicator(), Kernels()
+        solo, kernels = SoloCommunicator(), Kernels()
+        text_kv = block.cross_kv(torch.randn(cfg.text_len, cfg.dim, device=device, dtype=dtype), solo)
 
     def run() -> object:
         with torch.inference_mode():
@@ -147,8 +149,9 @@ def measure_block_shards(
 
     The cases run interleaved (round robin) so a noisy machine slows them alike; median and min.
     ``scale`` divides head_dim, FFN and the tokens per frame (so ~scale**3 less work) for CPU runs."""
-    from .reference.presets import PATCH, VAE_SPATIAL, get_preset
-    from .reference.sharding import split_sizes
+    from .dit.config import PATCH
+    from .dit.sharding import split_sizes
+    from .reference.presets import VAE_SPATIAL, get_preset
 
     base = get_preset(preset)
     gh, gw = (max(1, round(g / scale**0.5)) for g in base.grid)  # tokens per frame / ~scale

@@ -3,9 +3,11 @@
     python -m pp1.pipelines.speed --preset krea-14b-shape --device cuda --variants eager compiled fp8 \\
         --reference float32 --chunks 8 --profile --save DIR --tag after
     python -m pp1.pipelines.speed --preset micro --variants eager compiled --reference float32   # CPU smoke
+    python -m pp1.pipelines.speed --pipeline pp1.pipelines.krea:factory --preset krea-14b --device cuda \
+        --pipeline-option checkpoint=/m/krea.safetensors --variants eager compiled fp8   # scripts/device_krea_speed.sh
 
 A chunk is the real schedule's steady chunk: a KV recompute over the context frames (3 after the
-first chunk, then the full window of 6) plus the denoising steps, at TP=1 (a solo communicator).
+first chunk, then the full window: 6 for the reference, 3 for Krea) plus the denoising steps, at TP=1 (a solo communicator).
 Every variant gets the same calls (seeded; inputs rounded to bfloat16 so that every dtype sees the
 same values). Variants: ``eager``, ``compiled`` (``build_generator(..., compile=True)``), ``fp8``
 (compiled, pipeline option ``fp8_linears=true``), ``fp8-eager``, ``float32`` (eager, the reference:
@@ -38,7 +40,7 @@ import torch
 
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.interface import ChunkCall, Generator
-from pp1.pipelines.loader import DEFAULT_PIPELINE, load_factory
+from pp1.pipelines.loader import DEFAULT_PIPELINE, load_factory, parse_pipeline_option
 
 VARIANTS: dict[str, tuple[bool, dict[str, str], dict[str, Any]]] = {
     # name -> (compile, pipeline options, Inductor config patched around the build: experiments)
@@ -50,6 +52,7 @@ VARIANTS: dict[str, tuple[bool, dict[str, str], dict[str, Any]]] = {
     "compiled-static": (True, {}, {"static": True}),
     "compiled-noepi": (True, {}, {"gelu_epilogue": False}),
     "eager-noepi": (False, {}, {"gelu_epilogue": False}),
+    "compiled-kvbias1": (True, {"kv_bias": "1"}, {}),  # krea: no KV attention bias (no mask: the fast kernels)
     "fp8": (True, {"fp8_linears": "true"}, {}),
     "fp8-eager": (False, {"fp8_linears": "true"}, {}),
     "float32": (False, {}, {}),
@@ -204,10 +207,11 @@ def profile_chunk(gen: Generator, call: ChunkCall, device: torch.device, top: in
 
 
 def run_variant(pipeline: str, preset: str, variant: str, device: torch.device, dtype: torch.dtype,
-                calls: list[ChunkCall], profile: bool) -> tuple[dict[str, Any], list[torch.Tensor]]:
+                calls: list[ChunkCall], profile: bool,
+                base_options: dict[str, str] | None = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
     compile_, options, patches = VARIANTS[variant]
     run_dtype = torch.float32 if variant == "float32" else dtype
-    factory = load_factory(pipeline, options or None)
+    factory = load_factory(pipeline, {**(base_options or {}), **options} or None)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -275,10 +279,10 @@ def _experiment(patches: dict[str, Any]) -> Iterator[None]:
             stack.callback(setattr, compiling, "DYNAMIC_TOKENS", compiling.DYNAMIC_TOKENS)
             compiling.DYNAMIC_TOKENS = False
         if gelu_epilogue is not None:
-            from pp1.pipelines.reference import blocks
+            from pp1.pipelines.dit import segments
 
-            stack.callback(setattr, blocks, "GELU_EPILOGUE", blocks.GELU_EPILOGUE)
-            blocks.GELU_EPILOGUE = gelu_epilogue
+            stack.callback(setattr, segments, "GELU_EPILOGUE", segments.GELU_EPILOGUE)
+            segments.GELU_EPILOGUE = gelu_epilogue
         yield
 
 
@@ -318,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="run")
     p.add_argument("--compare", default=None, help="errors of every run saved in DIR (after this one's)")
     p.add_argument("--json", default=None, help="append the JSON rows to this file")
+    p.add_argument("--pipeline-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pipeline option for every variant (e.g. checkpoint=PATH for the krea pipeline)")
     args = p.parse_args(argv)
+    base_options = dict(parse_pipeline_option(o) for o in args.pipeline_option)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    factory = load_factory(args.pipeline)
+    factory = load_factory(args.pipeline, base_options or None)
     calls = make_calls(factory, args.preset, args.chunks)
     rows, saved = [], {}
     plan = list(args.variants) + (["float32"] if args.reference == "float32" else [])
@@ -329,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         use = calls[: args.reference_chunks] if variant == "float32" else calls
         try:
             row, outs = run_variant(args.pipeline, args.preset, variant, device, dtype, use,
-                                    args.profile and variant != "float32")
+                                    args.profile and variant != "float32", base_options)
         except Exception as exc:  # one variant failing (e.g. no FP8 on this device) does not stop the others
             row, outs = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}, []
         row["tag"] = args.tag

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pp1.fsm.lifecycle import LifecycleMachine, make_lifecycle
+from pp1.fsm.lifecycle import LOADING, LifecycleMachine, job_load_status, make_lifecycle
 from pp1.server.front_api import (
     Cause,
     ChunkCounters,
@@ -154,17 +154,13 @@ class FakeFront:
                                      last_error=lc.failure.reason if lc.failure else None,
                                      cause=_cause(lc)) for lc in self.lifecycles)
             ready = self._ready()
-            front = self.lifecycles[0]
+            status, stage = job_load_status([lc.state for lc in self.lifecycles])  # the lifecycle's rule
             if self._load_error is not None:
                 load = PipelineLoad(status="error", error=self._load_error)
-            elif ready or front.state in ("serving", "draining", "shutdown"):
-                load = PipelineLoad(status="loaded")
-            elif front.state in ("init", "parity"):
-                load = PipelineLoad(status="not_loaded", stage=front.state)
-            elif front.state == "failed":
+            elif status == "error":
                 load = PipelineLoad(status="error", error=self._failure.reason if self._failure else "failed")
             else:
-                load = PipelineLoad(status="loading", stage=front.state)
+                load = PipelineLoad(status=status, stage=stage)
             periods = sorted(self._periods[-200:])
             timings = StreamTimings(
                 fps=(self._info.chunk_frames * 1000.0 / statistics.median(periods)) if periods else None,
@@ -285,7 +281,7 @@ class FakeFront:
 
     # -- the thread -----------------------------------------------------------------------------------
     def _ready(self) -> bool:
-        return not self._ended and all(lc.state == "serving" for lc in self.lifecycles)
+        return not self._ended and all(lc.ready for lc in self.lifecycles)
 
     def _hard_cut(self) -> None:
         self.cache_epoch += 1
@@ -307,7 +303,7 @@ class FakeFront:
                 for lc, evs in zip(self.lifecycles, per_rank, strict=True):
                     if i < len(evs) and lc.can_fire(evs[i]):
                         lc.fire(evs[i])
-                loading = self.lifecycles[0].state == "loading"
+                loading = job_load_status([lc.state for lc in self.lifecycles]) == ("loading", LOADING)
                 if delay > 0:
                     self._wake.wait(timeout=delay)
             if loading:

@@ -208,7 +208,9 @@ def validate_checkpoint(path: Path | str, cfg: KreaModelConfig) -> CheckpointInf
 
 class ShardReader:
     """Reads whole tensors and row / column slices of one checked checkpoint onto ``device`` in ``dtype``
-    (``safe_open(...).get_slice``: only the slice's bytes are copied). Counts what it loaded."""
+    (``safe_open(...).get_slice``: only the slice's bytes are copied). Counts what it loaded. A
+    ``dit.block.ShardSource``: ``shape`` is the tensor's logical shape (``full`` reshapes the file's,
+    e.g. the patch embedding's Conv3d weight to its matrix, ``modulation`` [1, 6, dim] to [6, dim])."""
 
     def __init__(self, info: CheckpointInfo, device: torch.device, dtype: torch.dtype) -> None:
         from safetensors import safe_open
@@ -221,31 +223,31 @@ class ShardReader:
     def close(self) -> None:
         self._file = None  # safe_open has no close(); dropping it unmaps the file
 
-    def _slice(self, name: str):
+    def _slice(self, name: str, shape: tuple[int, ...], sliced: bool = False):
+        stored = self.info.entry(name).shape
+        if (stored != shape) if sliced else (math.prod(stored) != math.prod(shape)):
+            raise CheckpointError(self.info.path, self.info.prefix + name,
+                                  f"shape {list(stored)} cannot serve as {list(shape)}")
         try:
             return self._file.get_slice(self.info.prefix + name)
         except Exception as exc:  # a file changed between validation and loading
             raise CheckpointError(self.info.path, self.info.prefix + name, f"cannot read: {exc}") from exc
 
     def _keep(self, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        if tuple(t.shape) != shape:
+        if t.numel() != math.prod(shape):
             raise CheckpointError(self.info.path, self.info.prefix + name,
                                   f"read shape {list(t.shape)}, expected {list(shape)}")
-        t = t.to(self.device, self.dtype).contiguous()
+        t = t.reshape(shape).to(self.device, self.dtype).contiguous()
         self.bytes_loaded += t.numel() * t.element_size()
         return t
 
-    def full(self, name: str) -> torch.Tensor:
-        shape = self.info.entry(name).shape
-        return self._keep(name, self._slice(name)[:], shape)
+    def full(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._keep(name, self._slice(name, shape)[:], shape)
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def rows(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) (dim 0): a column-parallel weight, or a slice of a bias / norm weight."""
-        shape = self.info.entry(name).shape
-        return self._keep(name, self._slice(name)[start:stop], (stop - start, *shape[1:]))
+        return self._keep(name, self._slice(name, shape, True)[start:stop], (stop - start, *shape[1:]))
 
-    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def cols(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Columns [start, stop) (dim 1) of a [out, in] weight: a row-parallel weight."""
-        shape = self.info.entry(name).shape
-        return self._keep(name, self._slice(name)[:, start:stop], (shape[0], stop - start))
-
+        return self._keep(name, self._slice(name, shape, True)[:, start:stop], (shape[0], stop - start))

@@ -19,9 +19,9 @@ import torch
 
 from pp1.protocol.geometry import ChunkGeometry
 
-from ..loader import PipelineOptionError
+from ..dit.config import PATCH, DiTConfig
+from ..loader import PipelineOptionError, parse_bool
 
-PATCH = (1, 2, 2)  # Wan's patch embedding: 1 latent frame x 2 x 2 latent pixels per token
 VAE_SPATIAL = 8  # Wan 2.1 VAE: x8 spatial
 VAE_TEMPORAL = 4  # x4 temporal (a causal start: 1 latent frame -> 1 video frame)
 
@@ -140,6 +140,8 @@ OPTION_HELP: dict[str, str] = {
     "steps": "denoising steps: 'scope' (1000,750,500,250; default), 'krea:N', or a comma list",
     "kv_bias": "KV attention bias on past frames but the first, in (0, 1] (default 0.3 = Scope; 1 = off = Krea)",
     "memory_check": "on|off: refuse a rank whose weights + KV + working memory do not fit its device (default on)",
+    "fp8_linears": "true|false (default false): the six large linears of every block in float8 e4m3 with per-row "
+                   "scales (CUDA, compute capability 8.9+, bfloat16/float16 runs)",
 }
 
 
@@ -153,6 +155,7 @@ class KreaOptions:
     steps: tuple[int, ...] = SCOPE_STEPS
     kv_bias: float = 0.3
     memory_check: bool = True
+    fp8_linears: bool = False
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -207,6 +210,8 @@ def _parse_value(key: str, value: str) -> object:
         if value not in ("on", "off"):
             raise ValueError(f"expected on or off, got {value!r}")
         return value == "on"
+    if key == "fp8_linears":
+        return parse_bool(key, value)
     raise PipelineOptionError(key, "unknown option")
 
 
@@ -236,6 +241,15 @@ class KreaRun:
     def tokens_per_frame(self) -> int:
         gh, gw = self.grid
         return gh * gw
+
+    def dit(self) -> DiTConfig:
+        """The shared DiT's shapes: Wan's QK-norm over all heads, a window of the context frames."""
+        m = self.model
+        return DiTConfig(
+            dim=m.dim, num_heads=m.num_heads, num_blocks=m.num_blocks, ffn_dim=m.ffn_dim, text_len=m.text_len,
+            text_dim=m.text_dim, freq_dim=m.freq_dim, latent_channels=m.latent_channels, grid=self.grid,
+            chunk_frames=m.chunk_frames, window_frames=m.context_frames, eps=m.eps, qk_norm="all",
+        )
 
     def geometry(self, dtype: torch.dtype | str = "float32") -> ChunkGeometry:
         h, w = self.latent_size

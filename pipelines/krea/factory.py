@@ -26,10 +26,11 @@ from .stage0 import KreaStage0
 
 
 class KreaFactory:
-    """Presets: ``krea-14b`` (the release), ``krea-tiny`` (the tests' checkpoints)."""
+    """Presets: ``krea-14b`` (the release), ``krea-tiny`` (the tests' checkpoints). Compiles (``--compile``)."""
 
     name = "krea"
     presets = tuple(MODELS)
+    supports_compile = True
 
     def __init__(self, options: KreaOptions | None = None) -> None:
         self.options = options or KreaOptions()
@@ -70,8 +71,10 @@ class KreaFactory:
         comm: Communicator,
         device: torch.device,
         dtype: torch.dtype,
+        compile: bool = False,
     ) -> KreaGenerator:
-        return KreaGenerator(self.spec(preset), mesh_rank, mesh_size, comm, torch.device(device), dtype)
+        return KreaGenerator(self.spec(preset), mesh_rank, mesh_size, comm, torch.device(device), dtype,
+                             compile=compile)
 
 
 def factory() -> KreaFactory:

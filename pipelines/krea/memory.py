@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference.sharding import ShardPlan
+from ..dit.sharding import ShardPlan
 from .checkpoint import CheckpointInfo, expected_tensors
 from .config import KreaRun
 

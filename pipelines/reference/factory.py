@@ -8,14 +8,13 @@ from pp1.protocol.geometry import ChunkGeometry
 
 from ..comm import Communicator
 from ..interface import PipelineFactory
-from ..loader import PipelineOptionError
+from ..loader import PipelineOptionError, parse_bool
 from .generator import ReferenceGenerator
 from .presets import PRESETS, get_preset
 from .stage0 import ReferenceStage0
 
 OPTIONS = {"fp8_linears": "true | false (default false): the six large linears of every block in float8 "
            "e4m3 with per-row scales (CUDA, compute capability 8.9+, bfloat16/float16 runs)"}
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class ReferenceFactory:
@@ -34,10 +33,7 @@ class ReferenceFactory:
         for key in options:
             if key not in OPTIONS:
                 raise PipelineOptionError(key, f"unknown option of the reference pipeline; known: {sorted(OPTIONS)}")
-        value = options.get("fp8_linears", "false").strip().lower()
-        if value not in _BOOL:
-            raise PipelineOptionError("fp8_linears", f"expected true or false, got {options['fp8_linears']!r}")
-        return ReferenceFactory(fp8_linears=_BOOL[value])
+        return ReferenceFactory(fp8_linears=parse_bool("fp8_linears", options.get("fp8_linears", "false")))
 
     def geometry(self, preset: str) -> ChunkGeometry:
         return get_preset(preset).geometry()

@@ -33,11 +33,12 @@ import torch
 from ..checksum import held_tensors
 from ..comm import Communicator
 from ..contract import InvalidChunkCall, check_call
+from ..dit.model import DiTShard, TextKV
+from ..dit.segments import check_fp8
+from ..dit.sharding import ShardPlan
 from ..interface import ChunkCall, ChunkOutput
-from .model import CausalDiTShard, flow_sigma
 from .presets import ReferenceConfig
-from .sharding import ShardPlan
-from .weights import mix_seed, seeded_randn
+from .weights import WeightSource, init_rule, mix_seed, seeded_randn
 
 log = logging.getLogger("pp1.pipelines.reference")
 
@@ -65,28 +66,26 @@ class ReferenceGenerator:
             raise ValueError(f"{cfg.name}: mesh of {mesh_size} is larger than {cfg.num_heads} heads")
         if fp8_linears:
             check_fp8(self.device, dtype)
+        src = WeightSource(cfg.weight_seed, self.device, dtype, init_rule(cfg.num_blocks))
         with torch.inference_mode():
-            self.model = CausalDiTShard(cfg, self.plan, comm, self.device, dtype, fp8_linears)
+            self.model = DiTShard(cfg.dit(), self.plan, src, comm, self.device, dtype, fp8_linears)
+        self.full_digest, self._shard_digest = src.digests()
         self._fingerprint = (
             f"reference/{cfg.name}/seed{cfg.weight_seed}/tp{mesh_size}/{str(dtype).removeprefix('torch.')}"
-            f"/{self.device.type}{'/fp8' if fp8_linears else ''}/{self.model.full_digest}"
+            f"/{self.device.type}{'/fp8' if fp8_linears else ''}/{self.full_digest}"
         )
         self.compiled = compile
         self.compile_s: float | None = None
         self.compile_graphs = 0
         if compile:
-            t0 = time.perf_counter()
-            compiler = self.model.compile_segments(f"reference tp rank {mesh_rank}/{mesh_size}")
-            with torch.inference_mode():
-                self.model.precompile()
-            self._sync()
-            self.compile_s = time.perf_counter() - t0
-            self.compile_graphs = compiler.graphs
+            self.compile_s = self.model.compile(f"reference tp rank {mesh_rank}/{mesh_size}")
+            assert self.model.compiler is not None
+            self.compile_graphs = self.model.compiler.graphs
             log.info("reference generator %s: %d graphs compiled in %.1f s (inductor %.1f s)", self.plan.describe(),
-                     compiler.graphs, self.compile_s, compiler.compile_s)
+                     self.compile_graphs, self.compile_s, self.model.compiler.compile_s)
         self._epoch: int | None = None
         self._text_src: torch.Tensor | None = None
-        self._text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._text_kv: TextKV | None = None
 
     # --- Generator interface ----------------------------------------------------------------------
 
@@ -96,7 +95,7 @@ class ReferenceGenerator:
 
     def shard_digest(self) -> str:
         """Digest of this rank's own weights (differs per rank; for logs)."""
-        return self.model.shard_digest
+        return self._shard_digest
 
     def held_weights(self) -> list[torch.Tensor]:
         """The weights this shard holds now (the runtime's weight tripwire checksums them)."""
@@ -136,7 +135,7 @@ class ReferenceGenerator:
             raise InvalidChunkCall("call.chunk_index", f"chunk {call.chunk_index} starts at latent frame {start} "
                                    f"but the cache ends at {cache.end_frame}", "not_contiguous")
 
-    def _text(self, conditioning: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _text(self, conditioning: torch.Tensor) -> TextKV:
         cond = conditioning.to(self.device, torch.float32)
         if self._text_kv is None or self._text_src is None or not torch.equal(cond, self._text_src):
             self._text_kv = self.model.embed_text(cond)
@@ -193,12 +192,7 @@ class ReferenceGenerator:
         )
 
 
-def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
-    """FP8 linears need a CUDA device with FP8 matrix units (compute capability 8.9+) and a 16-bit run dtype."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"fp8_linears needs a bfloat16 or float16 run, not {str(dtype).removeprefix('torch.')}")
-    if device.type != "cuda":
-        raise ValueError(f"fp8_linears needs a CUDA device (torch._scaled_mm), not {device.type}")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"fp8_linears needs compute capability 8.9+ (Ada, Hopper), this GPU has "
-                         f"{torch.cuda.get_device_capability(device)}")
+def flow_sigma(t: float, shift: float) -> float:
+    """Wan's shifted flow-matching noise level for timestep ``t`` in [0, 1000]."""
+    s = t / 1000.0
+    return shift * s / (1.0 + (shift - 1.0) * s) if s > 0 else 0.0

@@ -11,12 +11,13 @@ import torch
 
 from pp1.protocol.geometry import ChunkGeometry
 
+from ..dit.config import PATCH, DiTConfig
+
 DEFAULT_TIMESTEPS: tuple[int, ...] = (1000, 750, 500, 250)
 
-# Wan's causal VAE: x8 spatial, x4 temporal; patch 1x2x2 over the latents.
+# Wan's causal VAE: x8 spatial, x4 temporal; patch 1x2x2 over the latents (PATCH).
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 4
-PATCH = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,15 @@ class ReferenceConfig:
     @property
     def patch_features(self) -> int:
         return self.latent_channels * PATCH[0] * PATCH[1] * PATCH[2]
+
+    def dit(self) -> DiTConfig:
+        """The shared DiT's shapes: per-head QK-norm (no collective), a window of ``kv_window_frames``."""
+        return DiTConfig(
+            dim=self.dim, num_heads=self.num_heads, num_blocks=self.num_blocks, ffn_dim=self.ffn_dim,
+            text_len=self.text_len, text_dim=self.text_dim, freq_dim=self.freq_dim,
+            latent_channels=self.latent_channels, grid=self.grid, chunk_frames=self.latent_frames,
+            window_frames=self.kv_window_frames, eps=self.eps, qk_norm="head",
+        )
 
     def geometry(self, dtype: torch.dtype | str = "float32") -> ChunkGeometry:
         """The chunk geometry; ``dtype`` is the wire dtype (the run's dtype)."""

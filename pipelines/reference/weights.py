@@ -9,6 +9,7 @@ the fingerprint is a digest of the full model, equal on every rank of a consiste
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
@@ -49,18 +50,48 @@ def bits_checksum(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-class WeightSource:
-    """Hands out the shards of seeded full weights and keeps their checksums."""
+# Random init of the reference's weights, by name: biases N(0, 0.02), norm weights N(1, 0.1), every
+# other weight N(0, 1/fan_in) (fan_in = the last dim) times a gain: the residual branches' outputs
+# are scaled down to keep the residual stream bounded over many blocks, and the cross-attention
+# output up (random weights give the text little say; this gain makes a new prompt visibly change
+# the video).
+CROSS_ATTN_GAIN = 3.0
+NORM_WEIGHTS = ("norm_q.weight", "norm_k.weight", "norm3.weight")
 
-    def __init__(self, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+
+def init_rule(num_blocks: int) -> Callable[[str, tuple[int, ...]], tuple[float, float]]:
+    """name, full shape -> (std, mean) of the seeded random weight."""
+    residual = (2 * num_blocks) ** -0.5
+    gains = {"self_attn.o.weight": residual, "ffn.2.weight": residual, "cross_attn.o.weight": CROSS_ATTN_GAIN}
+
+    def rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+        if name.endswith(".bias"):
+            return 0.02, 0.0
+        if name.endswith(NORM_WEIGHTS):
+            return 0.1, 1.0
+        gain = next((g for suffix, g in gains.items() if name.endswith(suffix)), None)
+        std = shape[-1] ** -0.5
+        return (std if gain is None else std * gain), 0.0
+
+    return rule
+
+
+class WeightSource:
+    """Hands out the shards of seeded full weights and keeps their checksums (a ``dit.block.ShardSource``:
+    ``init`` gives each weight's std and mean from its name and full shape)."""
+
+    def __init__(self, seed: int, device: torch.device, dtype: torch.dtype,
+                 init: Callable[[str, tuple[int, ...]], tuple[float, float]]) -> None:
         self.seed = seed
         self.device = device
         self.dtype = dtype
+        self.init = init
         self._full_sums: list[torch.Tensor] = []
         self._shard_sums: list[torch.Tensor] = []
         self.names: list[str] = []
 
-    def _full(self, name: str, shape: tuple[int, ...], std: float, mean: float) -> torch.Tensor:
+    def _full(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        std, mean = self.init(name, shape)
         w = seeded_randn(shape, mix_seed(self.seed, name), self.device)
         if std != 1.0:
             w.mul_(std)
@@ -76,17 +107,17 @@ class WeightSource:
         self._shard_sums.extend(bits_checksum(shard))
         return shard
 
-    def replicated(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+    def full(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A weight every rank holds whole."""
-        return self._keep(self._full(name, shape, std, mean))
+        return self._keep(self._full(name, shape))
 
-    def rows(self, name: str, shape: tuple[int, ...], std: float, start: int, stop: int) -> torch.Tensor:
+    def rows(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of the full weight (column-parallel linear, or a bias slice)."""
-        return self._keep(self._full(name, shape, std, 0.0)[start:stop])
+        return self._keep(self._full(name, shape)[start:stop])
 
-    def cols(self, name: str, shape: tuple[int, ...], std: float, start: int, stop: int) -> torch.Tensor:
+    def cols(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         """Columns ``[start, stop)`` of the full weight (row-parallel linear)."""
-        return self._keep(self._full(name, shape, std, 0.0)[:, start:stop])
+        return self._keep(self._full(name, shape)[:, start:stop])
 
     def digests(self) -> tuple[str, str]:
         """(digest of the full weights generated, digest of this shard's weights)."""

@@ -59,7 +59,7 @@ def factories() -> dict[str, Callable[[], ProtocolMachine]]:
         from pp1.fsm.chunk import ChunkMachine
 
         out["chunk"] = lambda: ChunkMachine(0, chunk_frames=3, window=6, timesteps=TIMESTEPS)
-    except ImportError:  # pragma: no cover - the module not there
+    except ImportError:  # pragma: no cover - the module is not there
         pass
     try:
         from pp1.fsm.kv_cache import KVCacheMachine

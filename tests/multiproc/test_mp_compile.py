@@ -42,10 +42,10 @@ CONFIGS = {"pp1_tp3": ("pp1", 3, 4)}  # name -> (topology, TP, world size)
 
 BROKEN_PLUGIN = '''
 """A reference pipeline whose attn_out segment cannot be one graph (data-dependent Python branch)."""
-from pp1.pipelines.reference import blocks
+from pp1.pipelines.dit import segments
 from pp1.pipelines.reference.factory import ReferenceFactory
 
-_fn, _tokens = blocks.SEGMENTS["attn_out"]
+_fn, _tokens = segments.SEGMENTS["attn_out"]
 
 
 def attn_out(o, w_o, s_o):
@@ -54,7 +54,7 @@ def attn_out(o, w_o, s_o):
     return -_fn(o, w_o, s_o)
 
 
-blocks.SEGMENTS["attn_out"] = (attn_out, _tokens)
+segments.SEGMENTS["attn_out"] = (attn_out, _tokens)
 
 
 def factory():

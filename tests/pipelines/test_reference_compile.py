@@ -17,10 +17,10 @@ import torch
 
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.compiling import CompileError
+from pp1.pipelines.dit import segments
+from pp1.pipelines.dit.rope import apply_rope, rope_tables
 from pp1.pipelines.loader import PipelineLoadError, build_generator, require_compile_support
 from pp1.pipelines.local_loop import ChunkSchedule, LoopResult, mesh_runner, run_loop
-from pp1.pipelines.reference import blocks
-from pp1.pipelines.reference.rope import apply_rope, rope_tables
 from pp1.pipelines.threaded_comm import ThreadedMesh
 
 PRESET = "micro"
@@ -68,7 +68,7 @@ def test_compiled_equals_eager(factory, stage0, eager, mesh_size: int) -> None: 
         assert torch.allclose(b.latents, a.latents, **TOL), (b.latents - a.latents).abs().max()
         assert b.generator_calls == a.generator_calls and b.current_start_frame == a.current_start_frame
     for g in gens:
-        assert g.compiled and g.compile_graphs == len(blocks.SEGMENTS) and g.late_compiles == 0
+        assert g.compiled and g.compile_graphs == len(g.model.segments) == 5 and g.late_compiles == 0
         assert g.compile_s is not None and g.compile_s > 0
     fp = gens[0].fingerprint()
     assert fp.replace(f"/tp{mesh_size}/", "/tp1/") == ref_gens[0].fingerprint()  # compiling changes no weight
@@ -82,14 +82,14 @@ def test_precompile_covers_every_call_shape(factory) -> None:  # type: ignore[no
 
 
 def test_a_segment_that_cannot_compile_fails_the_build(factory, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    fn, tokens = blocks.SEGMENTS["attn_out"]
+    fn, tokens = segments.SEGMENTS["attn_out"]
 
     def attn_out(o: torch.Tensor, w_o: torch.Tensor, s_o: torch.Tensor | None) -> torch.Tensor:
         if float(o.sum()) > 0:  # data-dependent Python control flow: not one graph
             return fn(o, w_o, s_o)
         return -fn(o, w_o, s_o)
 
-    monkeypatch.setitem(blocks.SEGMENTS, "attn_out", (attn_out, tokens))
+    monkeypatch.setitem(segments.SEGMENTS, "attn_out", (attn_out, tokens))
     with pytest.raises(CompileError, match="compiling attn_out failed"):
         factory.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, torch.float32, compile=True)
 

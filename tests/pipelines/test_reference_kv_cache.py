@@ -8,8 +8,8 @@ import torch
 
 from pp1.pipelines.comm import SoloCommunicator
 from pp1.pipelines.contract import InvalidChunkCall, synthetic_call
+from pp1.pipelines.dit.kv_cache import RollingKVCache
 from pp1.pipelines.local_loop import ChunkSchedule, run_loop
-from pp1.pipelines.reference.kv_cache import RollingKVCache
 
 PRESET = "micro"
 

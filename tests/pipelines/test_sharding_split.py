@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pp1.pipelines.reference.sharding import ShardPlan, shard_offsets, shard_range, split_sizes
+from pp1.pipelines.dit.sharding import ShardPlan, shard_offsets, shard_range, split_sizes
 
 
 def test_krea_heads_over_three_ranks() -> None:

@@ -33,9 +33,9 @@ def test_get_slice_reads_rows_and_columns_of_the_full_tensor(tiny) -> None:
     sd = load_file(str(tiny.checkpoint))
     r = ShardReader(validate_checkpoint(tiny.checkpoint, CFG), CPU, torch.float32)
     q, o = "blocks.1.self_attn.q.weight", "blocks.1.self_attn.o.weight"
-    assert torch.equal(r.rows(q, 12, 36), sd["model." + q][12:36])
-    assert torch.equal(r.cols(o, 24, 36), sd["model." + o][:, 24:36])
-    assert torch.equal(r.rows("blocks.0.ffn.0.bias", 22, 43), sd["model.blocks.0.ffn.0.bias"][22:43])
+    assert torch.equal(r.rows(q, (48, 48), 12, 36), sd["model." + q][12:36])
+    assert torch.equal(r.cols(o, (48, 48), 24, 36), sd["model." + o][:, 24:36])
+    assert torch.equal(r.rows("blocks.0.ffn.0.bias", (64,), 22, 43), sd["model.blocks.0.ffn.0.bias"][22:43])
     assert r.bytes_loaded == (24 * 48 + 48 * 12 + 21) * 4
 
 

@@ -22,13 +22,13 @@ from conftest import CPU, PRESET
 from safetensors.torch import load_file
 
 from pp1.pipelines.comm import SoloCommunicator
+from pp1.pipelines.dit.kv_cache import RollingKVCache
+from pp1.pipelines.dit.masks import block_causal_mask
+from pp1.pipelines.dit.segments import add_pending, rms_scale, sum_squares
+from pp1.pipelines.dit.sharding import shard_range
 from pp1.pipelines.krea import KreaOptions, KreaRun, get_model
-from pp1.pipelines.krea.attention import block_causal_mask, kv_bias_mask
 from pp1.pipelines.krea.config import flow_table, krea_steps, parse_steps
 from pp1.pipelines.krea.generator import FlowSigmas
-from pp1.pipelines.krea.layers import rms_norm_across_heads
-from pp1.pipelines.krea.model import dense_attention
-from pp1.pipelines.reference.sharding import shard_range
 from pp1.pipelines.threaded_comm import ThreadedMesh
 
 CFG = get_model(PRESET)
@@ -86,9 +86,15 @@ def test_first_chunk_equals_diffusers_wan_transformer(krea, oracle, tp: int) -> 
     with torch.no_grad():
         want = oracle(lat[None], torch.tensor([750]), text[None], return_dict=False)[0][0]
     mesh, gens = build(krea, tp)
+
+    def first_chunk(r: int, _c) -> torch.Tensor:
+        m = gens[r].model
+        with torch.inference_mode():
+            m.cache.reset()  # nothing cached: the chunk attends to itself only
+            return m.forward(lat, 750.0, 0, m.embed_text(text))
+
     with mesh:
-        outs = mesh.map(lambda r, _c: gens[r].model.forward(lat, 750.0, 0, gens[r].model.embed_text(text),
-                                                             dense_attention()))
+        outs = mesh.map(first_chunk)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     torch.testing.assert_close(outs[0], want, **TOL)
 
@@ -105,7 +111,12 @@ def test_one_block_equals_the_diffusers_block(krea, oracle) -> None:
     m = gen.model
     with torch.inference_mode():
         kv = m.blocks[0].cross_kv(ctx[0], m.comm)
-        got = m.blocks[0].forward(x[0], e0.float(), m.rope(0, 3), dense_attention(), kv, m.comm)
+        m.cache.reset()
+        slots, used = m.cache.plan(3)
+        e0 = e0.float()
+        x1, pending = m.blocks[0].forward(x[0], m.no_pending(x[0]), e0, m.rope(0, 3), m.cache, slots, used, kv,
+                                          m.comm, m.kernels)
+        got = add_pending(x1, *pending, e0)  # the block's last residual (the next segment adds it)
     torch.testing.assert_close(got, want, **TOL)
 
 
@@ -116,8 +127,10 @@ def test_qk_rmsnorm_over_all_heads_from_shards_equals_the_full_norm() -> None:
     with ThreadedMesh(3) as mesh:
         def part(r, comm):
             a, b = shard_range(5, 3, r)  # 5 heads of 8: 2/2/1
-            (y,) = rms_norm_across_heads([x[:, a * 8 : b * 8]], [w[a * 8 : b * 8]], 40, 1e-6, comm)
-            return y
+            mine = x[:, a * 8 : b * 8]
+            sq = sum_squares(mine)  # what the split segments return, all-reduced between them
+            comm.all_reduce_sum_(sq)
+            return rms_scale(mine, sq, w[a * 8 : b * 8], 40, 1e-6)
         got = torch.cat(mesh.map(part), dim=1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -135,28 +148,39 @@ def test_a_cached_chunk_equals_full_block_causal_attention_over_the_window(krea,
     with torch.inference_mode():
         kv = m.embed_text(text)
         m.cache.reset()
-        m.forward(ctx, 0.0, 0, kv, m.recompute_attention(3))
-        m.cache.commit_context(3, 3)
-        cached = m.forward(chunk, 750.0, 3, kv, m.cached_attention(3 * tpf, bias))
+        m.forward(ctx, 0.0, 0, kv, gen.recompute_mask(3))
+        m.cache.commit(3, 3)
+        cached = m.forward(chunk, 750.0, 3, kv, m.cache.past_bias(3, math.log(bias), torch.float32))
         # the oracle's mask, written from the definition: query i sees key j iff j < end of i's block
         n = 6 * tpf
         q_block_end = (torch.arange(n) // (3 * tpf) + 1) * (3 * tpf)
         mask = torch.where(torch.arange(n)[None, :] < q_block_end[:, None], 0.0, float("-inf"))
         mask[3 * tpf :, tpf : 3 * tpf] += math.log(bias)  # chunk queries: bias on context frames 1..2
-        full = m.forward(torch.cat([ctx, chunk], dim=1), torch.tensor([0.0] * 3 + [750.0] * 3), 0, kv,
-                         dense_attention(mask))
+        m.cache.reset()  # the 6 frames attend to themselves only, through the oracle's mask
+        full = m.forward(torch.cat([ctx, chunk], dim=1), torch.tensor([0.0] * 3 + [750.0] * 3), 0, kv, mask)
     torch.testing.assert_close(cached, full[:, 3:], rtol=1e-5, atol=1e-5)
     assert torch.equal(block_causal_mask(6, tpf, 3, CPU), torch.where(torch.arange(n)[None, :] < q_block_end[:, None],
                                                                       0.0, float("-inf")))
 
 
-def test_kv_bias_mask_covers_past_frames_but_the_first_and_the_chunk() -> None:
-    m = kv_bias_mask(6 * 4, 4, 3 * 4, 0.3, CPU)
+def test_kv_bias_covers_past_frames_but_the_first_and_the_chunk() -> None:
+    """log(bias) on the cached frames but the oldest (the anchor), not on the chunk; over the cache's
+    ring (window 3 + chunk 3 frames of 4 tokens), wherever the window starts."""
+    cache = RollingKVCache(1, 1, 2, 4, 3, 3, CPU, torch.float32)
+    lb = math.log(0.3)
+    assert cache.past_bias(3, lb, torch.float32) is None  # first chunk: nothing cached
+    cache.commit(3, 3)  # frames 0..2 in slots 0..2; the chunk goes to 3..5
+    m = cache.past_bias(3, lb, torch.float32)
     assert m is not None and m.shape == (1, 24)
     assert torch.equal(m[0] != 0, torch.tensor([False] * 4 + [True] * 8 + [False] * 12))
     assert math.isclose(float(m[0, 5]), math.log(0.3), rel_tol=1e-6)
-    assert kv_bias_mask(24, 4, 12, 1.0, CPU) is None  # bias 1: off (Krea's release)
-    assert kv_bias_mask(12, 4, 12, 0.3, CPU) is None  # first chunk: nothing cached
+    assert cache.past_bias(3, math.log(1.0), torch.float32) is None  # bias 1: off (Krea's release)
+    cache.commit(3, 6)  # window = frames 3..5 in slots 3..5; the next chunk overwrites slots 0..2
+    m = cache.past_bias(3, lb, torch.float32)
+    assert m is not None and torch.equal(m[0] != 0, torch.tensor([False] * 12 + [False] * 4 + [True] * 8))
+    cache.commit(3, 9)  # window = frames 6..8 in slots 0..2 (oldest: slot 0); the chunk goes to 3..5
+    m = cache.past_bias(3, lb, torch.float32)
+    assert m is not None and torch.equal(m[0] != 0, torch.tensor([False] * 4 + [True] * 8 + [False] * 12))
 
 
 def test_rope_positions_are_relative_to_the_window(krea) -> None:
@@ -170,9 +194,9 @@ def test_rope_positions_are_relative_to_the_window(krea) -> None:
         kv = m.embed_text(torch.randn(CFG.text_len, CFG.text_dim, generator=g))
         for shift in (0, 7):
             m.cache.reset()
-            m.forward(ctx, 0.0, shift, kv, m.recompute_attention(3))
-            m.cache.commit_context(3, 3)
-            outs.append(m.forward(chunk, 500.0, 3 + shift, kv, m.cached_attention(48, 0.3)))
+            m.forward(ctx, 0.0, shift, kv, gen.recompute_mask(3))
+            m.cache.commit(3, 3)
+            outs.append(m.forward(chunk, 500.0, 3 + shift, kv, m.cache.past_bias(3, math.log(0.3), torch.float32)))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
@@ -184,9 +208,9 @@ def test_generator_places_the_chunk_after_the_context_in_window_positions(krea, 
     seen = []
     real = gen.model.forward
 
-    def spy(latents, t, frame_start, text_kv, attn):
+    def spy(latents, t, frame_start, text_kv, mask=None):
         seen.append((float(torch.as_tensor(t).reshape(-1)[0]), frame_start, latents.shape[1]))
-        return real(latents, t, frame_start, text_kv, attn)
+        return real(latents, t, frame_start, text_kv, mask)
 
     monkeypatch.setattr(gen.model, "forward", spy)
     geo = gen.geometry

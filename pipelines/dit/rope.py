@@ -1,9 +1,11 @@
 """3D rotary position embedding over (latent frame, height, width), as in Wan 2.1.
 
 The head dimension's complex pairs are split between the three axes: ``c - 2*(c//3)`` pairs for
-the frame axis and ``c//3`` each for height and width (``c = head_dim // 2``). Frame positions are
-absolute latent-frame indices on the cache's timeline, so keys stored in the KV cache keep their
-rotation and attention only sees relative offsets.
+the frame axis and ``c//3`` each for height and width (``c = head_dim // 2``; Wan's
+``d - 4*(d//6)``, ``2*(d//6)``, ``2*(d//6)`` features). The caller picks the frame positions: the
+reference uses the cache's timeline, Krea positions relative to the KV window (context frames at
+0..n-1, the chunk after them). Keys stored in the KV cache keep their rotation, so attention only
+sees relative offsets either way.
 """
 
 from __future__ import annotations

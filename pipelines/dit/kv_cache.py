@@ -14,6 +14,10 @@ Layout: token-major ``[capacity tokens, heads, head_dim]`` per block, so a chunk
 written where the qkv projection computes them (``plan`` gives the rows as an index tensor: the
 compiled block writes them with ``index_copy_``, no Python ints that would specialise a graph) and
 attention reads ``views`` ``[heads, tokens, head_dim]`` (strided, no copy).
+
+``past_bias``: an additive per-key row over the slots a chunk attends (Krea / Scope's KV attention
+bias: ``log(bias)`` on the cached frames other than the oldest one in the window, nothing on the
+chunk itself), built from the slot layout, so the ring's order does not matter.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class RollingKVCache:
         self.k = [torch.zeros(cap, heads, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
         self.v = [torch.zeros(cap, heads, head_dim, device=device, dtype=dtype) for _ in range(num_blocks)]
         self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (next_slot, frames) -> write rows
+        self._bias: dict[tuple, torch.Tensor] = {}  # (next_slot, cached, frames, value, dtype) -> past_bias
         self.reset()
 
     def reset(self) -> None:
@@ -76,6 +81,24 @@ class RollingKVCache:
             parts = [torch.arange(dst * tpf, (dst + n) * tpf) for _src, dst, n in self._slot_runs(frames)]
             rows = self._rows[key] = torch.cat(parts).to(self.device)
         return rows, min(self.written + frames, self.slots) * self.tokens_per_frame
+
+    def past_bias(self, frames: int, value: float, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[1, used]`` additive bias for a chunk of ``frames`` frames about to be written (``plan``):
+        ``value`` on the rows of the cached frames but the oldest, 0 on the oldest and on the chunk;
+        None when nothing would be biased (``value`` 0, or at most one cached frame)."""
+        cached = self.cached_frames
+        if value == 0.0 or cached <= 1:
+            return None
+        key = (self.next_slot, cached, frames, value, dtype)
+        bias = self._bias.get(key)
+        if bias is None:
+            _rows, used = self.plan(frames)
+            per_slot = torch.zeros(used // self.tokens_per_frame)
+            for i in range(1, cached):  # slot of the i-th oldest cached frame (the ring's order)
+                per_slot[(self.next_slot - cached + i) % self.slots] = value
+            bias = per_slot.repeat_interleave(self.tokens_per_frame)[None].to(self.device, dtype)
+            self._bias[key] = bias
+        return bias
 
     def views(self, block: int, used: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``used`` rows of ``block``, ``[heads, used, head_dim]`` (views)."""
