@@ -42,7 +42,7 @@ class RunConfig(BaseModel):
     deadline_factor: float = Field(default=4.0, gt=1, le=1000, allow_inf_nan=False)  # c in max(c * p99, floor)
     warmup_chunks: int = Field(default=1, ge=0, le=MAX_WARMUP_CHUNKS)
     # KV-recompute context frames: the previous latents as generated, or with the window's first latent
-    # frame re-encoded from its decoded image (Krea / Self-Forcing; see adapters/chunk_engine.py)
+    # frame re-encoded from its decoded image (Krea / Self-Forcing; see adapters/front/engine.py)
     context_source: Literal["latents", "reencode"] = "latents"
 
     @model_validator(mode="after")

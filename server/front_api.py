@@ -1,8 +1,9 @@
 """The one thing the server knows about the job: ``FrontAPI``, and the data it speaks.
 
 The server (``pp1.server.app``) drives the front only through this protocol. The real
-implementation wraps the front's chunk engine on rank 0 (the comms thread owning the PP channel);
-tests use ``pp1.testing.fake_front.FakeFront``. Nothing here imports FastAPI or aiortc.
+implementation (``pp1.server.front.RankFront``) wraps the front's engine on rank 0
+(``pp1.adapters.front.engine.FrontEngine``: its thread, "the front's comms thread" below, owns the way to
+the leader); tests use ``pp1.testing.fake_front.FakeFront``. Nothing here imports FastAPI or aiortc.
 
 Threads (what the front may rely on, what it must honour):
 

@@ -1,6 +1,6 @@
 """The mesh leader: the executor of its :class:`LeaderRelayMachine` over the PP channel (to the front)
 and the TP channel (to the workers). Under pure TP the same executor runs inside rank 0, its PP end
-being the in-process channel to the local front (``roles/tp_rank0.py``).
+being the in-process channel to the local front (``serve_tp_rank0`` in ``roles/front.py``).
 
 The machine drives the loop (channel warm-up, warmup, the watchdog-bounded wait for each envelope,
 validate, relay, run, reply); this performs its intents.

@@ -4,7 +4,7 @@ prompt and schedule (reference pipeline, micro, float32, recompute every chunk, 
 context from the latents and (PP1) re-encoded. The front dumps every shown chunk (``--dump-frames``).
 
 The three jobs start together (one fixture) while this process computes the references; ranks are
-this test's subprocesses (adapters/localjob.py), killed by pid when the fixture ends. TP sums in
+this test's subprocesses (testing/localjob.py), killed by pid when the fixture ends. TP sums in
 another order may round a pixel differently: at most 1 (uint8) on at most 0.1% of the pixels.
 """
 

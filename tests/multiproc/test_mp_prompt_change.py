@@ -1,5 +1,5 @@
 """A prompt change with re-encoded context frames on a real 3-rank job (PP1, TP=2, CPU/gloo, stand-in
-pipeline): ranks are this test's subprocesses (adapters/localjob.py), killed by pid when it ends."""
+pipeline): ranks are this test's subprocesses (testing/localjob.py), killed by pid when it ends."""
 
 from __future__ import annotations
 
