@@ -24,8 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DOCS = sorted({*ROOT.glob("README.md"), *ROOT.glob("*/README.md"), *ROOT.glob("*/*/README.md"),
-               *ROOT.glob("specs/*.md")})
+DOCS = sorted(p for p in {*ROOT.glob("README.md"), *ROOT.glob("*/README.md"), *ROOT.glob("*/*/README.md"),
+                          *ROOT.glob("specs/*.md")}
+              if not any(part.startswith(".") for part in p.relative_to(ROOT).parts))  # not .venv, .carry-*
 
 # folder -> import name (pyproject's package-dir); what is not here lives under pp1/
 PACKAGES = {"protocol": "protocol", "fsm": "fsm", "pipelines": "pipelines", "adapters": "adapters",
