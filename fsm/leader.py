@@ -49,7 +49,7 @@ from pp1.protocol.messages import (
     TPHeaderV1,
     relay_header,
 )
-from pp1.protocol.preflight import validate_envelope
+from pp1.protocol.preflight import error_code_for, validate_envelope
 from pp1.protocol.schedule import PING_CALL_ID, expected_generator_calls, recompute_due, warmup_context_frames
 from pp1.protocol.tensors import TensorSpec
 
@@ -327,7 +327,7 @@ class LeaderRelayMachine(MeshTripwires, RoleMachine):
 
     def _reject(self, env: PPEnvelopeV1, err: RemoteProtocolError) -> list[Intent]:
         self.fire("envelope_invalid")
-        code = ErrorCode.UNSUPPORTED_VERSION if err.code == "unsupported_version" else ErrorCode.INVALID_ENVELOPE
+        code = error_code_for(err)
         message = f"[{err.code}] {err.field}: {err.reason}"
         self._log_env(env, f"rejected {message}", level=logging.WARNING)
         out: list[Intent] = []
