@@ -1,0 +1,86 @@
+"""The floor the PP channel is measured against (``pp1 bench --hop``): the same bytes, on the same groups,
+with plain torch.distributed send/recv and nothing else. No frame is built, decoded or checked, and the
+receive buffers are allocated once: what a round trip costs when the transport does all of the work.
+
+One round trip, as the PP channel makes it: the front sends the control parts (frame header, metadata)
+on the pair CPU group, then the tensors on the pair device group; the leader receives them in order, then
+sends its reply the same way. On GPUs the device is synchronised at the end of each round trip (the
+PP channel's measure does the same), so a round trip is complete when it is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pp1.adapters.transport.runtime import DistributedRuntime
+from pp1.protocol.codec import Frames
+
+
+@dataclass
+class RawMessage:
+    """One message as raw parts: control bytes (CPU group) and tensors (device group), in travel order."""
+
+    control: list[torch.Tensor]
+    tensors: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, frames: Frames, device: torch.device) -> RawMessage:
+        """The exact bytes ``frames`` puts on the wire: header, metadata, then its tensors on ``device``."""
+        control = [torch.frombuffer(bytearray(part), dtype=torch.uint8) for part in (frames.header, frames.meta)
+                   if part]
+        return cls(control, [t.to(device).contiguous() for t in frames.tensors])
+
+    def empty_like(self) -> RawMessage:
+        """Receive buffers of the same sizes (allocated once, reused by every round trip)."""
+        return RawMessage([torch.empty_like(t) for t in self.control], [torch.empty_like(t) for t in self.tensors])
+
+    @property
+    def nbytes(self) -> tuple[int, int]:
+        """(control bytes, tensor bytes)."""
+        return (sum(t.numel() for t in self.control),
+                sum(t.numel() * t.element_size() for t in self.tensors))
+
+
+def _send(msg: RawMessage, peer: int, cpu: object, dev: object) -> None:
+    for t in msg.control:
+        dist.send(t, dst=peer, group=cpu)
+    for t in msg.tensors:
+        dist.send(t, dst=peer, group=dev)
+
+
+def _recv(msg: RawMessage, peer: int, cpu: object, dev: object) -> None:
+    for t in msg.control:
+        dist.recv(t, src=peer, group=cpu)
+    for t in msg.tensors:
+        dist.recv(t, src=peer, group=dev)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (a round trip is counted once its tensors are there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def raw_round_trips(rt: DistributedRuntime, envelope: RawMessage, result: RawMessage, n: int,
+                    is_front: bool) -> list[float]:
+    """``n`` round trips on the pair groups: the front sends ``envelope`` and receives into a buffer shaped
+    like ``result``; the leader the other way round. Returns each round trip's seconds (both sides)."""
+    groups = rt.groups
+    peer = rt.leader_rank if is_front else rt.front_rank
+    assert peer is not None and groups.pair_cpu is not None, "the raw round trip runs on the PP pair"
+    cpu, dev = groups.pair_cpu, groups.pair_dev
+    out, into = (envelope, result.empty_like()) if is_front else (result, envelope.empty_like())
+    steps: Sequence = ((_send, out), (_recv, into)) if is_front else ((_recv, into), (_send, out))
+    times: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for op, msg in steps:
+            op(msg, peer, cpu, dev)
+        sync(rt.device)
+        times.append(time.perf_counter() - t0)
+    return times
