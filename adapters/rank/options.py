@@ -395,8 +395,9 @@ def hop_from_namespace(ns: argparse.Namespace) -> HopOptions:
     hop = HopOptions(iterations=ns.hop_iterations, warmup=ns.hop_warmup, profile_dir=ns.hop_profile)
     if hop.iterations < 1:
         raise InvalidOption("--hop-iterations", f"measure at least one round trip, got {hop.iterations}")
-    if hop.warmup < 0:
-        raise InvalidOption("--hop-warmup", f"must be >= 0, got {hop.warmup}")
+    if hop.warmup < 1:
+        raise InvalidOption("--hop-warmup", f"at least one round trip (the raw series sends its bytes), got "
+                            f"{hop.warmup}")
     return hop
 
 

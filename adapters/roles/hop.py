@@ -2,18 +2,21 @@
 
 A job of two ranks, front and leader (PP1 with TP=1). After a minimal startup (the process groups; no model
 is loaded: the leader's generator is :class:`NoOpGenerator`, which answers every call with one preallocated
-latents tensor of the geometry's shape), the ranks run, in the same processes and on the same groups:
+latents tensor of the geometry's shape), the front's machine does its startup with the leader's (PING, pair
+warm-up, READY) and ``warmup`` chunk round trips through the protocol (below), then the ranks alternate,
+``n`` times, in the same processes and on the same groups:
 
-1. **the protocol**: the front's machine does its startup (PING, pair warm-up, READY), then ``warmup + n``
-   chunk round trips through the real path: the chunk machine plans the envelope, the PP channel
-   preflights, encodes and sends it with its tensors (the conditioning, the noise and, on a recompute, the
-   context frames: preallocated, stage 0 is not measured); the leader's executor and relay machine receive
-   it, validate it, run the no-op generator and send the result; the front receives and validates the
-   result and the chunk machine judges it (the tripwires). Each round trip is timed on the front, from the
-   plan to the verdict. Then SHUTDOWN: the leader's executor exits as in service.
-2. **the raw transport**: ``warmup + n`` round trips of exactly the bytes of the last chunk's envelope and
-   result (frame header, metadata, tensors), with plain torch.distributed send/recv on the same pair
-   groups (``pp1.adapters.transport.raw``).
+- **a raw round trip**: exactly the bytes of the last warm-up chunk's envelope and result (frame header,
+  metadata, tensors: the same messages in the same order) with plain torch.distributed send/recv into
+  buffers allocated once (``pp1.adapters.transport.raw``);
+- **a protocol round trip** of the next chunk through the real path: the chunk machine plans the envelope,
+  the PP channel preflights, encodes and sends it with its tensors (the conditioning, the noise and, on a
+  recompute, the context frames: preallocated, stage 0 is not measured); the leader's executor and relay
+  machine receive it, validate it, run the no-op generator and send the result; the front receives and
+  validates the result and the chunk machine judges it (the tripwires).
+
+Both are timed on the front (the protocol's from the plan to the verdict). Alternating them keeps a shared
+host's changing load on both alike. Then SHUTDOWN: the leader's executor exits as in service.
 
 The front writes both series (seconds, the warm-up round trips dropped) and the bytes of each direction to
 ``--report-json``; ``pp1.adapters.launch.hop`` turns them into the hop table. ``--hop-profile DIR``: each
@@ -45,9 +48,9 @@ from pp1.adapters.roles.context import RankContext
 from pp1.adapters.roles.front import front_machine, front_pp_channel
 from pp1.adapters.roles.leader import leader_pp_channel, serve_leader
 from pp1.adapters.transport.channels import PPChannel
-from pp1.adapters.transport.raw import RawMessage, raw_round_trips, sync
+from pp1.adapters.transport.raw import RawMessage, raw_round_trip, sync
 from pp1.adapters.transport.runtime import DistributedRuntime
-from pp1.fsm.chunk import Verdict, envelope_from_plan
+from pp1.fsm.chunk import ChunkMachine, Verdict, envelope_from_plan
 from pp1.fsm.events import PairWarm, ReadyReceived, ResultReceived, Sent, Woke
 from pp1.fsm.front import FrontMachine
 from pp1.fsm.intents import AwaitReady, AwaitResult, Idle, NextStep, SendEnvelope, WarmPair
@@ -88,11 +91,19 @@ class NoOpGenerator:
 
 
 class _Recorded(PPChannel):
-    """The PP channel, remembering the last INFER envelope and result that went through it, with tensors."""
+    """The PP channel, remembering the last INFER envelope and result that went through it (with their
+    tensors), and making raw round trips of exactly their bytes as they were after the ``warmup``-th chunk
+    (both sides hold that chunk, so they agree on the sizes): the front before each of the next ``raw``
+    chunks it plans (:meth:`raw_round_trip`), the leader before it waits for each of them."""
 
-    envelope: tuple[PPEnvelopeV1, list[torch.Tensor]] | None = None
-    result: tuple[PPResultV1, list[torch.Tensor]] | None = None
-    _env: PPEnvelopeV1 | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.envelope: tuple[PPEnvelopeV1, list[torch.Tensor]] | None = None
+        self.result: tuple[PPResultV1, list[torch.Tensor]] | None = None
+        self.chunks = 0  # INFER round trips so far
+        self.warmup, self.raw = 0, 0  # the hop's (set by the role)
+        self._raw: tuple[RawMessage, RawMessage] | None = None  # (what this side sends, its receive buffers)
+        self._env: PPEnvelopeV1 | None = None
 
     def send_envelope(self, env: PPEnvelopeV1, tensors: Sequence[torch.Tensor], timeout_s: float | None = None,
                       preflight: bool = True) -> None:
@@ -104,9 +115,12 @@ class _Recorded(PPChannel):
         res, tensors = super().recv_result(until)
         if res.action is Action.INFER:
             self.result = (res, tensors)
+            self.chunks += 1
         return res, tensors
 
     def recv_envelope(self, until: float | None) -> PPEnvelopeV1:
+        if self.warmup <= self.chunks < self.warmup + self.raw:
+            self.raw_round_trip()
         self._env = super().recv_envelope(until)
         return self._env
 
@@ -120,11 +134,20 @@ class _Recorded(PPChannel):
         super().send_result(result, tensors)
         if result.action is Action.INFER:
             self.result = (result, list(tensors))
+            self.chunks += 1
 
-    def raw_messages(self, device: torch.device) -> tuple[RawMessage, RawMessage]:
+    def raw_messages(self) -> tuple[RawMessage, RawMessage]:
         """The last chunk's envelope and result as the raw bytes they travelled as."""
         assert self.envelope is not None and self.result is not None, "no chunk went through the channel"
-        return (RawMessage.of(encode(*self.envelope), device), RawMessage.of(encode(*self.result), device))
+        dev = self.rt.device
+        return RawMessage.of(encode(*self.envelope), dev), RawMessage.of(encode(*self.result), dev)
+
+    def raw_round_trip(self) -> float:
+        """One raw round trip of the bytes of the chunk the raw series started after (frozen at the first)."""
+        if self._raw is None:
+            envelope, result = self.raw_messages()
+            self._raw = (envelope, result.empty_like()) if self.is_front else (result, envelope.empty_like())
+        return raw_round_trip(self.rt, *self._raw, self.is_front)
 
 
 # -- the two roles ---------------------------------------------------------------------------------------
@@ -169,15 +192,20 @@ def _front_startup(fm: FrontMachine, channel: PPChannel, clock: Callable[[], flo
     raise RuntimeError(f"hop: the front's startup ended in state {fm.state}")
 
 
-def _protocol_round_trips(ctx: RankContext, fm: FrontMachine, channel: PPChannel, n: int) -> list[float]:
-    """``n`` chunk round trips through the real path (module docstring), then SHUTDOWN."""
-    chunk, g, clock, dev = fm.chunk, ctx.pipeline.geometry, ctx.clock, ctx.rt.device
+def _round_trips(ctx: RankContext, chunk: ChunkMachine, channel: _Recorded, hop: options.HopOptions
+                 ) -> tuple[list[float], list[float]]:
+    """``hop.warmup`` chunk round trips through the real path (module docstring), then ``hop.iterations``
+    pairs of a raw round trip and a chunk's, then SHUTDOWN. Returns both series (warm-up dropped), seconds."""
+    g, clock, dev = ctx.pipeline.geometry, ctx.clock, ctx.rt.device
     dtype = torch_dtype_of(g.dtype)
     conditioning = torch.randn(g.conditioning_shape()).to(dtype).to(dev)
     noise = torch.randn(g.noise_shape()).to(dtype).to(dev)
     context = {f: torch.randn(g.context_shape(f)).to(dtype).to(dev) for f in range(1, g.max_context_frames + 1)}
-    times: list[float] = []
-    for _ in range(n):
+    protocol: list[float] = []
+    raw: list[float] = []
+    for i in range(hop.warmup + hop.iterations):
+        if i >= hop.warmup:
+            raw.append(channel.raw_round_trip())
         t0 = time.perf_counter()
         plan = chunk.plan_next(clock())
         tensors = [conditioning, noise] + ([context[plan.context_frames]] if plan.do_kv_recompute else [])
@@ -190,32 +218,37 @@ def _protocol_round_trips(ctx: RankContext, fm: FrontMachine, channel: PPChannel
             raise RuntimeError(f"hop: chunk {plan.chunk_index} was not accepted: {decision.verdict.value} "
                                f"{decision.error or result.error_message}")
         sync(dev)
-        times.append(time.perf_counter() - t0)
+        if i >= hop.warmup:
+            protocol.append(time.perf_counter() - t0)
     chunk.request_stop()
     channel.send_envelope(envelope_from_plan(chunk.plan_shutdown()), (), timeout_s=chunk.deadline_s())
     chunk.on_sent(clock())
     result, _ = channel.recv_result(chunk.deadline_at())
     if chunk.on_result(result, clock()).verdict is not Verdict.STOPPED:
         raise RuntimeError(f"hop: SHUTDOWN was not answered in order: {result}")
-    return times
+    return protocol, raw
+
+
+def _recorded(ctx: RankContext, hop: options.HopOptions, make: Callable[..., PPChannel]) -> _Recorded:
+    channel = make(ctx, _Recorded)
+    assert isinstance(channel, _Recorded)
+    channel.warmup, channel.raw = hop.warmup, hop.iterations
+    return channel
 
 
 def run_front(ctx: RankContext, hop: options.HopOptions) -> dict[str, Any]:
-    channel = front_pp_channel(ctx, _Recorded)
+    channel = _recorded(ctx, hop, front_pp_channel)
     fm = front_machine(ctx, ping=True, overlap=channel.overlaps)
-    assert isinstance(channel, _Recorded)
     _front_startup(fm, channel, ctx.clock)
-    total = hop.warmup + hop.iterations
-    protocol = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _protocol_round_trips(ctx, fm, channel, total))
-    envelope, result = channel.raw_messages(ctx.rt.device)
-    raw = raw_round_trips(ctx.rt, envelope, result, total, is_front=True)
+    protocol, raw = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _round_trips(ctx, fm.chunk, channel, hop))
+    envelope, result = channel.raw_messages()
     env, _ = channel.envelope or (None, None)
     assert env is not None
     return {
         "iterations": hop.iterations,
         "warmup": hop.warmup,
-        "protocol_s": protocol[hop.warmup:],
-        "raw_s": raw[hop.warmup:],
+        "protocol_s": protocol,
+        "raw_s": raw,
         "envelope": {"control_bytes": envelope.nbytes[0], "tensor_bytes": envelope.nbytes[1],
                      "tensors": [t.model_dump(mode="json") for t in env.tensors]},
         "result": {"control_bytes": result.nbytes[0], "tensor_bytes": result.nbytes[1]},
@@ -225,14 +258,10 @@ def run_front(ctx: RankContext, hop: options.HopOptions) -> dict[str, Any]:
 
 
 def run_leader(ctx: RankContext, hop: options.HopOptions) -> None:
-    channel = leader_pp_channel(ctx, _Recorded)
-    assert isinstance(channel, _Recorded)
+    channel = _recorded(ctx, hop, leader_pp_channel)
     code = _profiled(hop.profile_dir, ctx.rt.rank, lambda: serve_leader(ctx, channel))
     if code != 0:
         raise RuntimeError(f"hop: the leader exited {code}")
-    envelope, result = channel.raw_messages(ctx.rt.device)
-    total = hop.warmup + hop.iterations
-    raw_round_trips(ctx.rt, envelope, result, total, is_front=False)
 
 
 # -- the entry -------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The floor the PP channel is measured against (``pp1 bench --hop``): the same bytes, on the same groups,
 with plain torch.distributed send/recv and nothing else. No frame is built, decoded or checked, and the
-receive buffers are allocated once: what a round trip costs when the transport does all of the work.
+receive buffers are allocated before the round trip: what it costs when the transport does all of the work.
 
 One round trip, as the PP channel makes it: the front sends the control parts (frame header, metadata)
 on the pair CPU group, then the tensors on the pair device group; the leader receives them in order, then
@@ -11,7 +11,6 @@ PP channel's measure does the same), so a round trip is complete when it is coun
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ class RawMessage:
         return cls(control, [t.to(device).contiguous() for t in frames.tensors])
 
     def empty_like(self) -> RawMessage:
-        """Receive buffers of the same sizes (allocated once, reused by every round trip)."""
+        """Receive buffers of the same sizes."""
         return RawMessage([torch.empty_like(t) for t in self.control], [torch.empty_like(t) for t in self.tensors])
 
     @property
@@ -66,21 +65,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def raw_round_trips(rt: DistributedRuntime, envelope: RawMessage, result: RawMessage, n: int,
-                    is_front: bool) -> list[float]:
-    """``n`` round trips on the pair groups: the front sends ``envelope`` and receives into a buffer shaped
-    like ``result``; the leader the other way round. Returns each round trip's seconds (both sides)."""
+def raw_round_trip(rt: DistributedRuntime, out: RawMessage, into: RawMessage, is_front: bool) -> float:
+    """One round trip on the pair groups: the front sends ``out`` (an envelope's bytes) and receives into
+    ``into`` (buffers shaped like the result); the leader receives first, then sends. Returns its seconds."""
     groups = rt.groups
     peer = rt.leader_rank if is_front else rt.front_rank
     assert peer is not None and groups.pair_cpu is not None, "the raw round trip runs on the PP pair"
     cpu, dev = groups.pair_cpu, groups.pair_dev
-    out, into = (envelope, result.empty_like()) if is_front else (result, envelope.empty_like())
-    steps: Sequence = ((_send, out), (_recv, into)) if is_front else ((_recv, into), (_send, out))
-    times: list[float] = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        for op, msg in steps:
-            op(msg, peer, cpu, dev)
-        sync(rt.device)
-        times.append(time.perf_counter() - t0)
-    return times
+    t0 = time.perf_counter()
+    if is_front:
+        _send(out, peer, cpu, dev)
+        _recv(into, peer, cpu, dev)
+    else:
+        _recv(into, peer, cpu, dev)
+        _send(out, peer, cpu, dev)
+    sync(rt.device)
+    return time.perf_counter() - t0
