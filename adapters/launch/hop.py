@@ -171,7 +171,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| `{r['preset']}` | {_bytes(r['envelope'])} | {_bytes(r['result'])} | {_f(p['p50_ms'], 3)} "
             f"| {_f(p['p99_ms'], 3)} | {_f(w['p50_ms'], 3)} | {_f(w['p99_ms'], 3)} | {_f(r['ratio_p50'], 2)} "
-            f"| {_f(r['overhead_p50_ms'], 3)} | {met} | {status} |"
+            f"| {_f(r['ratio_p10'], 2)} | {_f(r['overhead_p50_ms'], 3)} | {met} | {status} |"
         )
     lines += ["", HOP_NOTE, ""]
     return "\n".join(lines)

@@ -52,7 +52,6 @@ from pp1.adapters.transport.raw import RawMessage, raw_round_trip, sync
 from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.fsm.chunk import ChunkMachine, Verdict, envelope_from_plan
 from pp1.fsm.events import PairWarm, ReadyReceived, ResultReceived, Sent, Woke
-from pp1.fsm.front import FrontMachine
 from pp1.fsm.intents import AwaitReady, AwaitResult, Idle, NextStep, SendEnvelope, WarmPair
 from pp1.fsm.lifecycle import make_lifecycle
 from pp1.pipelines.interface import ChunkCall, ChunkOutput
@@ -166,49 +165,56 @@ def _profiled(profile_dir: str | None, rank: int, fn: Callable[[], T]) -> T:
     return out
 
 
-def _front_startup(fm: FrontMachine, channel: PPChannel, clock: Callable[[], float]) -> None:
-    """The front machine's own startup (PING, pair warm-up, READY, a first heartbeat), performed until it
-    idles: from then on the channel is the hop's."""
-    pending = deque(fm.start(clock()))
-    while pending:
-        it = pending.popleft()
-        if isinstance(it, Idle):
-            return
-        if isinstance(it, SendEnvelope):
-            channel.send_envelope(it.envelope, (), timeout_s=it.timeout_s)
-            event: Any = Sent(clock())
-        elif isinstance(it, AwaitResult):
-            event = ResultReceived(channel.recv_result(it.until)[0], clock())
-        elif isinstance(it, WarmPair):
-            channel.warm_pair(fm.warm_timeout_s)
-            event = PairWarm(clock())
-        elif isinstance(it, AwaitReady):
-            event = ReadyReceived(channel.recv_ready(it.until), clock())
-        elif isinstance(it, NextStep):
-            event = Woke(clock())
-        else:
-            raise RuntimeError(f"hop: the front's startup asked for {it!r}")
-        pending.extendleft(reversed(fm.handle(event)))
-    raise RuntimeError(f"hop: the front's startup ended in state {fm.state}")
+class HopFront:
+    """The front's side of a protocol round trip: its machines (the front machine for startup, then the chunk
+    machine it owns), the PP channel, and the chunk's tensors (preallocated: stage 0 is not measured)."""
 
+    def __init__(self, ctx: RankContext, channel: PPChannel) -> None:
+        self.channel, self.clock, self.device = channel, ctx.clock, ctx.rt.device
+        self.machine = front_machine(ctx, ping=True, overlap=channel.overlaps)
+        self.chunk: ChunkMachine = self.machine.chunk
+        g = ctx.pipeline.geometry
+        dtype = torch_dtype_of(g.dtype)
 
-def _round_trips(ctx: RankContext, chunk: ChunkMachine, channel: _Recorded, hop: options.HopOptions
-                 ) -> tuple[list[float], list[float]]:
-    """``hop.warmup`` chunk round trips through the real path (module docstring), then ``hop.iterations``
-    pairs of a raw round trip and a chunk's, then SHUTDOWN. Returns both series (warm-up dropped), seconds."""
-    g, clock, dev = ctx.pipeline.geometry, ctx.clock, ctx.rt.device
-    dtype = torch_dtype_of(g.dtype)
-    conditioning = torch.randn(g.conditioning_shape()).to(dtype).to(dev)
-    noise = torch.randn(g.noise_shape()).to(dtype).to(dev)
-    context = {f: torch.randn(g.context_shape(f)).to(dtype).to(dev) for f in range(1, g.max_context_frames + 1)}
-    protocol: list[float] = []
-    raw: list[float] = []
-    for i in range(hop.warmup + hop.iterations):
-        if i >= hop.warmup:
-            raw.append(channel.raw_round_trip())
+        def made(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.randn(shape).to(dtype).to(self.device)
+
+        self.conditioning, self.noise = made(g.conditioning_shape()), made(g.noise_shape())
+        self.context = {f: made(g.context_shape(f)) for f in range(1, g.max_context_frames + 1)}
+
+    def start(self) -> None:
+        """The front machine's own startup (PING, pair warm-up, READY, a first heartbeat), performed until it
+        idles: from then on the channel is the hop's."""
+        fm, channel, clock = self.machine, self.channel, self.clock
+        pending = deque(fm.start(clock()))
+        while pending:
+            it = pending.popleft()
+            if isinstance(it, Idle):
+                return
+            if isinstance(it, SendEnvelope):
+                channel.send_envelope(it.envelope, (), timeout_s=it.timeout_s)
+                event: Any = Sent(clock())
+            elif isinstance(it, AwaitResult):
+                event = ResultReceived(channel.recv_result(it.until)[0], clock())
+            elif isinstance(it, WarmPair):
+                channel.warm_pair(fm.warm_timeout_s)
+                event = PairWarm(clock())
+            elif isinstance(it, AwaitReady):
+                event = ReadyReceived(channel.recv_ready(it.until), clock())
+            elif isinstance(it, NextStep):
+                event = Woke(clock())
+            else:
+                raise RuntimeError(f"hop: the front's startup asked for {it!r}")
+            pending.extendleft(reversed(fm.handle(event)))
+        raise RuntimeError(f"hop: the front's startup ended in state {fm.state}")
+
+    def round_trip(self) -> float:
+        """One chunk through the real path (module docstring); its seconds, from the plan to the verdict."""
+        chunk, channel, clock = self.chunk, self.channel, self.clock
         t0 = time.perf_counter()
         plan = chunk.plan_next(clock())
-        tensors = [conditioning, noise] + ([context[plan.context_frames]] if plan.do_kv_recompute else [])
+        tensors = [self.conditioning, self.noise] + ([self.context[plan.context_frames]] if plan.do_kv_recompute
+                                                     else [])
         env = announce(envelope_from_plan(plan), tensors)
         channel.send_envelope(env, tensors, timeout_s=chunk.deadline_s())
         chunk.on_sent(clock())
@@ -217,15 +223,31 @@ def _round_trips(ctx: RankContext, chunk: ChunkMachine, channel: _Recorded, hop:
         if decision.verdict is not Verdict.EMIT:
             raise RuntimeError(f"hop: chunk {plan.chunk_index} was not accepted: {decision.verdict.value} "
                                f"{decision.error or result.error_message}")
-        sync(dev)
-        if i >= hop.warmup:
-            protocol.append(time.perf_counter() - t0)
-    chunk.request_stop()
-    channel.send_envelope(envelope_from_plan(chunk.plan_shutdown()), (), timeout_s=chunk.deadline_s())
-    chunk.on_sent(clock())
-    result, _ = channel.recv_result(chunk.deadline_at())
-    if chunk.on_result(result, clock()).verdict is not Verdict.STOPPED:
-        raise RuntimeError(f"hop: SHUTDOWN was not answered in order: {result}")
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        """SHUTDOWN through the mesh, answered in order (the leader's executor exits 0)."""
+        chunk, channel, clock = self.chunk, self.channel, self.clock
+        chunk.request_stop()
+        channel.send_envelope(envelope_from_plan(chunk.plan_shutdown()), (), timeout_s=chunk.deadline_s())
+        chunk.on_sent(clock())
+        result, _ = channel.recv_result(chunk.deadline_at())
+        if chunk.on_result(result, clock()).verdict is not Verdict.STOPPED:
+            raise RuntimeError(f"hop: SHUTDOWN was not answered in order: {result}")
+
+
+def _round_trips(front: HopFront, channel: _Recorded, hop: options.HopOptions) -> tuple[list[float], list[float]]:
+    """``hop.warmup`` chunk round trips, then ``hop.iterations`` pairs of a raw round trip and a chunk's, then
+    SHUTDOWN. Returns both series (warm-up dropped), in seconds."""
+    for _ in range(hop.warmup):
+        front.round_trip()
+    protocol: list[float] = []
+    raw: list[float] = []
+    for _ in range(hop.iterations):
+        raw.append(channel.raw_round_trip())
+        protocol.append(front.round_trip())
+    front.shutdown()
     return protocol, raw
 
 
@@ -238,9 +260,9 @@ def _recorded(ctx: RankContext, hop: options.HopOptions, make: Callable[..., PPC
 
 def run_front(ctx: RankContext, hop: options.HopOptions) -> dict[str, Any]:
     channel = _recorded(ctx, hop, front_pp_channel)
-    fm = front_machine(ctx, ping=True, overlap=channel.overlaps)
-    _front_startup(fm, channel, ctx.clock)
-    protocol, raw = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _round_trips(ctx, fm.chunk, channel, hop))
+    front = HopFront(ctx, channel)
+    front.start()
+    protocol, raw = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _round_trips(front, channel, hop))
     envelope, result = channel.raw_messages()
     env, _ = channel.envelope or (None, None)
     assert env is not None

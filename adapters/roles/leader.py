@@ -59,7 +59,8 @@ class LeaderExecutor(MeshExecutor):
             h = it.header
             if it.digest_inputs:  # every worker checks the call's tensors against the leader's
                 h = h.model_copy(update={"inputs_digest": checksum(self.tensors)})
-            self.mesh.send_header(h, self.tensors if h.tensors else [], with_tensors=it.with_tensors)
+            self.mesh.send_header(h, self.tensors if h.tensors else [], with_tensors=it.with_tensors,
+                                  preflight=it.preflight)
             if h.action is Action.INFER:
                 self.faults.check(f"relayed:{h.chunk_index}")
             return None
