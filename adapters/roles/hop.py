@@ -65,6 +65,8 @@ log = logging.getLogger("pp1.adapters.roles.hop")
 
 T = TypeVar("T")
 
+RUNTIME_WAIT_S = 60.0  # the runtime series' bound on each wait, when the channel has none
+
 
 class NoOpGenerator:
     """The generator replaced by nothing: every call answers the same preallocated latents, with the
@@ -119,7 +121,7 @@ class _Recorded(PPChannel):
 
     def recv_envelope(self, until: float | None) -> PPEnvelopeV1:
         if self.warmup <= self.chunks < self.warmup + self.raw:
-            self.raw_round_trip()
+            self.raw_round_trips()
         self._env = super().recv_envelope(until)
         return self._env
 
@@ -141,12 +143,15 @@ class _Recorded(PPChannel):
         dev = self.rt.device
         return RawMessage.of(encode(*self.envelope), dev), RawMessage.of(encode(*self.result), dev)
 
-    def raw_round_trip(self) -> float:
-        """One raw round trip of the bytes of the chunk the raw series started after (frozen at the first)."""
+    def raw_round_trips(self) -> tuple[float, float]:
+        """Two round trips of the bytes of the chunk the raw series started after (frozen at the first): with
+        torch.distributed's send / recv, then with the runtime's (its checks and bookkeeping, no protocol)."""
         if self._raw is None:
             envelope, result = self.raw_messages()
             self._raw = (envelope, result.empty_like()) if self.is_front else (result, envelope.empty_like())
-        return raw_round_trip(self.rt, *self._raw, self.is_front)
+        bound = self.send_timeout_s or RUNTIME_WAIT_S
+        return (raw_round_trip(self.rt, *self._raw, self.is_front),
+                raw_round_trip(self.rt, *self._raw, self.is_front, via_runtime=bound))
 
 
 # -- the two roles ---------------------------------------------------------------------------------------
@@ -237,18 +242,19 @@ class HopFront:
             raise RuntimeError(f"hop: SHUTDOWN was not answered in order: {result}")
 
 
-def _round_trips(front: HopFront, channel: _Recorded, hop: options.HopOptions) -> tuple[list[float], list[float]]:
-    """``hop.warmup`` chunk round trips, then ``hop.iterations`` pairs of a raw round trip and a chunk's, then
-    SHUTDOWN. Returns both series (warm-up dropped), in seconds."""
+def _round_trips(front: HopFront, channel: _Recorded, hop: options.HopOptions) -> dict[str, list[float]]:
+    """``hop.warmup`` chunk round trips, then ``hop.iterations`` times the raw round trips and a chunk's, then
+    SHUTDOWN. Returns the three series (warm-up dropped), in seconds."""
     for _ in range(hop.warmup):
         front.round_trip()
-    protocol: list[float] = []
-    raw: list[float] = []
+    out: dict[str, list[float]] = {"protocol_s": [], "raw_s": [], "runtime_s": []}
     for _ in range(hop.iterations):
-        raw.append(channel.raw_round_trip())
-        protocol.append(front.round_trip())
+        raw, runtime = channel.raw_round_trips()
+        out["raw_s"].append(raw)
+        out["runtime_s"].append(runtime)
+        out["protocol_s"].append(front.round_trip())
     front.shutdown()
-    return protocol, raw
+    return out
 
 
 def _recorded(ctx: RankContext, hop: options.HopOptions, make: Callable[..., PPChannel]) -> _Recorded:
@@ -262,15 +268,14 @@ def run_front(ctx: RankContext, hop: options.HopOptions) -> dict[str, Any]:
     channel = _recorded(ctx, hop, front_pp_channel)
     front = HopFront(ctx, channel)
     front.start()
-    protocol, raw = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _round_trips(front, channel, hop))
+    series = _profiled(hop.profile_dir, ctx.rt.rank, lambda: _round_trips(front, channel, hop))
     envelope, result = channel.raw_messages()
     env, _ = channel.envelope or (None, None)
     assert env is not None
     return {
         "iterations": hop.iterations,
         "warmup": hop.warmup,
-        "protocol_s": protocol,
-        "raw_s": raw,
+        **series,
         "envelope": {"control_bytes": envelope.nbytes[0], "tensor_bytes": envelope.nbytes[1],
                      "tensors": [t.model_dump(mode="json") for t in env.tensors]},
         "result": {"control_bytes": result.nbytes[0], "tensor_bytes": result.nbytes[1]},
