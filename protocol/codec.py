@@ -215,8 +215,16 @@ def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolErro
     :func:`decode_meta`)."""
     where = where_of(msg)
     try:
-        obj = msg.model_dump(mode="json")  # keeps NaN/Inf as floats: json.dumps refuses them below
-    except Exception as exc:  # a model_construct'ed message with values pydantic cannot dump
+        # NaN/Inf in a float field stay floats (json.dumps refuses them below); a value not of its field's
+        # type (a model_construct'ed message) raises rather than turning into null
+        obj = msg.model_dump(mode="json", warnings="error")
+    except Exception as exc:
+        try:
+            bad = _first_non_finite(msg.model_dump(), where)
+        except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable, below
+            bad = None
+        if bad:
+            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
     try:
         meta = json.dumps(

@@ -7,6 +7,8 @@ first frame, and the peak memory of every rank (``peak_memory`` events the ranks
 
     pp1 bench --preset tiny                                  # CPU defaults: pp1:2, tp:2, tp:1, pp1:1
     pp1 bench --device cuda --preset krea-14b-shape --dtype bfloat16 --configs pp1:3,tp:4
+
+``pp1 bench --hop``: the protocol hop against the raw transport instead (``pp1.adapters.launch.hop``).
 """
 
 from __future__ import annotations
