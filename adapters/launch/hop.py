@@ -101,44 +101,47 @@ def series(samples_s: Sequence[float]) -> dict[str, Any]:
 
 
 def target_of(device: str) -> dict[str, Any]:
+    """The issue's target, judged at p50 and at p10 (both must hold: on a loaded host the raw round trip's
+    median grows with the scheduling delays both kinds pay, which flatters the median ratio)."""
     if device == "cuda":
-        return {"overhead_p50_ms_at_most": GPU_OVERHEAD_TARGET_MS}
-    return {"ratio_p50_at_most": CPU_RATIO_TARGET}
+        return {"overhead_ms_at_most": GPU_OVERHEAD_TARGET_MS, "at": ["p50", "p10"]}
+    return {"ratio_at_most": CPU_RATIO_TARGET, "at": ["p50", "p10"]}
+
+
+def figures(protocol_s: Sequence[float], raw_s: Sequence[float], runtime_s: Sequence[float],
+            device: str) -> dict[str, Any]:
+    """Each series' statistics, the protocol's ratio to the raw round trip and its overhead (at p50 and p10),
+    and whether the target holds."""
+    protocol, raw, runtime = series(protocol_s), series(raw_s), series(runtime_s)
+    out: dict[str, Any] = {"protocol": protocol, "raw": raw, "runtime": runtime, "target": target_of(device),
+                           "target_met": None}
+    for q in ("p50", "p10"):
+        p, r = protocol[f"{q}_ms"], raw[f"{q}_ms"]
+        out[f"ratio_{q}"] = p / r if p is not None and r else None
+        out[f"overhead_{q}_ms"] = p - r if p is not None and r is not None else None
+    if out["ratio_p50"] is not None and out["ratio_p10"] is not None:
+        if device == "cuda":
+            out["target_met"] = max(out["overhead_p50_ms"], out["overhead_p10_ms"]) <= GPU_OVERHEAD_TARGET_MS
+        else:
+            out["target_met"] = max(out["ratio_p50"], out["ratio_p10"]) <= CPU_RATIO_TARGET
+    return out
 
 
 def hop_row(preset: str, device: str, rep: RunReport) -> dict[str, Any]:
     """One preset's figures from its job's report (``hop``: what the front wrote)."""
     hop = (rep.report or {}).get("hop") or {}
-    protocol, raw = series(hop.get("protocol_s") or []), series(hop.get("raw_s") or [])
-    runtime = series(hop.get("runtime_s") or [])
-    ratio = overhead = ratio_p10 = None
-    if protocol["p50_ms"] is not None and raw["p50_ms"]:
-        ratio = protocol["p50_ms"] / raw["p50_ms"]
-        overhead = protocol["p50_ms"] - raw["p50_ms"]
-        ratio_p10 = protocol["p10_ms"] / raw["p10_ms"]
-    target = target_of(device)
-    met = None
-    if ratio is not None and overhead is not None:
-        met = (overhead <= GPU_OVERHEAD_TARGET_MS) if device == "cuda" else (ratio <= CPU_RATIO_TARGET)
+    kinds = ("protocol", "raw", "runtime")
     return {
         "preset": preset,
         "ok": rep.ok and bool(hop),
         "failure": rep.failure,
         "wall_s": rep.wall_s,
-        "protocol": protocol,
-        "raw": raw,
-        "runtime": runtime,
-        "ratio_p50": ratio,
-        "ratio_p10": ratio_p10,
-        "overhead_p50_ms": overhead,
-        "target": target,
-        "target_met": met,
+        **figures(*(hop.get(f"{k}_s") or [] for k in kinds), device),
         "envelope": hop.get("envelope"),
         "result": hop.get("result"),
         "messages_per_direction": hop.get("messages_per_direction"),
         "preset_shape": None,
-        "samples_ms": {k: [round(s * 1000, 4) for s in hop.get(f"{k}_s") or []]
-                       for k in ("protocol", "raw", "runtime")},
+        "samples_ms": {k: [round(s * 1000, 4) for s in hop.get(f"{k}_s") or []] for k in kinds},
         "log_tail": [] if rep.ok else rep.log_tail[-40:],
     }
 
@@ -154,7 +157,7 @@ def markdown(result: dict[str, Any]) -> str:
     m, run = result["machine"], result["run"]
     gpus = f", {m.get('gpu_count')} x {m['gpus'][0]}" if m.get("gpus") else ""
     tgt = (f"overhead per hop at most {GPU_OVERHEAD_TARGET_MS} ms" if run["device"] == "cuda"
-           else f"protocol at most {CPU_RATIO_TARGET}x the raw round trip")
+           else f"protocol at most {CPU_RATIO_TARGET}x the raw round trip") + ", at p50 and at p10"
     lines = [
         f"# pp1 bench: {result['label']}",
         "",
