@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _context(rt: DistributedRuntime, opts: options.JobOptions) -> RankContext:
+def minimal_context(rt: DistributedRuntime, opts: options.JobOptions) -> RankContext:
     """A rank's context after the minimal startup: the geometry and the schedule of the preset, no stage 0,
     the no-op generator on the leader."""
     cfg = rt.config
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     code, reason = 1, "?"
     try:
         rt.init(opts.pg_timeout_s)
-        ctx = _context(rt, opts)
+        ctx = minimal_context(rt, opts)
         if rt.role == "front":
             report = {"ok": True, "hop": run_front(ctx, hop)}
             if opts.report_json:

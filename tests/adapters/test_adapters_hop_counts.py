@@ -126,7 +126,7 @@ def run_hop_job(tp: int, chunks: int) -> None:
     opts = JobOptions(topology="pp1", tp=tp, preset="micro")
     cfg = run_config(opts)
     queues: dict[tuple[str, int, int], queue.Queue] = defaultdict(queue.Queue)
-    ctxs = [hop._context(ThreadRuntime(cfg, r, queues), opts) for r in range(cfg.world_size)]  # type: ignore[arg-type]
+    ctxs = [hop.minimal_context(ThreadRuntime(cfg, r, queues), opts) for r in range(cfg.world_size)]  # type: ignore[arg-type]
     codes: dict[int, Any] = {}
 
     def mesh_rank(ctx: Any) -> None:
