@@ -172,6 +172,7 @@ class SendTP(Intent):
     header: TPHeaderV1
     with_tensors: bool = True
     digest_inputs: bool = False  # stamp the header with the checksum of its tensors (the workers check it)
+    preflight: bool = True  # False: it relays an envelope validated one step before (only encoded, not re-checked)
 
 
 @dataclass(frozen=True)

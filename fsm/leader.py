@@ -288,7 +288,8 @@ class LeaderRelayMachine(MeshTripwires, RoleMachine):
         warmup = header.action is Action.WARMUP
         out: list[Intent] = [MakeWarmupTensors(header)] if warmup else []
         if self.mesh_size > 1:  # WARMUP tensors never travel; every call's are checked by every worker
-            out.append(SendTP(header, with_tensors=not warmup, digest_inputs=bool(header.tensors)))
+            out.append(SendTP(header, with_tensors=not warmup, digest_inputs=bool(header.tensors),
+                              preflight=warmup))  # an INFER header relays the envelope just validated
         out.append(RunShard(header))
         return out
 
@@ -321,7 +322,8 @@ class LeaderRelayMachine(MeshTripwires, RoleMachine):
             if env.tensors:
                 out.append(RecvTensors(env.tensors))
             return out + self._run_header(header)
-        out = [SendTP(header)] if event in ("envelope_noop", "envelope_shutdown") and self.mesh_size > 1 else []
+        relay = event in ("envelope_noop", "envelope_shutdown") and self.mesh_size > 1
+        out = [SendTP(header, preflight=False)] if relay else []  # relays the envelope just validated
         out.append(SendResult(self._result(env, ok=True)))
         return out
 

@@ -210,21 +210,30 @@ def _first_non_finite(obj: Any, path: str) -> str | None:
 
 
 def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolError) -> bytes:
-    """Canonical JSON of a message, checked: serialisable, finite floats, at most MAX_META_BYTES."""
+    """Canonical JSON of a message, checked: serialisable, finite floats, at most MAX_META_BYTES. The one
+    place a message becomes JSON (the sender's :func:`encode`, the receiver's canonical check in
+    :func:`decode_meta`)."""
     where = where_of(msg)
     try:
-        # Python mode first: JSON mode would silently turn NaN/Inf into null.
-        bad = _first_non_finite(msg.model_dump(), where)
-        obj = msg.model_dump(mode="json")
-    except Exception as exc:  # a model_construct'ed message with values pydantic cannot dump
+        # NaN/Inf in a float field stay floats (json.dumps refuses them below); a value not of its field's
+        # type (a model_construct'ed message) raises rather than turning into null
+        obj = msg.model_dump(mode="json", warnings="error")
+    except Exception as exc:
+        try:
+            bad = _first_non_finite(msg.model_dump(), where)
+        except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable, below
+            bad = None
+        if bad:
+            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
-    if bad:
-        raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float")
     try:
         meta = json.dumps(
             obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         ).encode()
     except (TypeError, ValueError) as exc:
+        bad = _first_non_finite(obj, where)
+        if bad:
+            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
     if len(meta) > MAX_META_BYTES:
         raise error_cls(

@@ -4,6 +4,13 @@ The sender calls ``preflight_*`` (raising LocalProtocolError: nothing was sent);
 the SAME rules through ``validate_*`` (raising RemoteProtocolError: the peer broke them). The
 rules take the error class as an argument, so the two sides cannot drift apart.
 
+Each side checks a message once, and its metadata becomes JSON once per side: the rules here never
+encode. A sender's ``preflight_*`` runs the rules, then the codec's ``encode`` (serialisable, finite
+floats, sizes, tensors against their specs) and returns the frames to send: the bytes checked are the
+bytes sent. A receiver's ``decode`` checks the frame and the canonical encoding, then ``validate_*`` runs
+the rules on the decoded message. ``validate_*`` is only ever given a message that came through
+``encode`` or ``decode`` (the in-process channel of pure TP encodes what it hands over).
+
 Each violation has its own stable ``code`` (listed in ``CODES``) and the dotted path of the field.
 
 Cache flags (semantics the mesh implements; documented in specs/protocol.md):
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .codec import check_payload, check_tensors, encode_meta, where_of
+from .codec import Frames, check_payload, encode, where_of
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .geometry import ChunkGeometry
 from .messages import (
@@ -90,12 +97,11 @@ CODES: dict[str, str] = {
 
 
 def check_common(msg: Any, allowed_actions: frozenset[Action] | None, error_cls: ErrorCls) -> str:
-    """Version, serialisability, sizes, action, unique tensor names, supported dtypes. Returns the
-    field-path prefix of the message."""
+    """Version, sizes, action, unique tensor names, supported dtypes (serialisability is the codec's:
+    ``encode`` / ``decode``). Returns the field-path prefix of the message."""
     where = where_of(msg)
     if msg.version != PROTOCOL_VERSION:
         raise error_cls(f"{where}.version", f"{msg.version!r} != {PROTOCOL_VERSION}", "unsupported_version")
-    encode_meta(msg, error_cls)
     check_payload(msg.tensors, error_cls, where)
     if allowed_actions is not None and msg.action not in allowed_actions:
         allowed = sorted(a.value for a in allowed_actions)
@@ -301,11 +307,11 @@ def preflight_envelope(
     last_call_id: int | None,
     *,
     last_cache_epoch: int | None = None,
-) -> None:
-    """The front, before sending anything: the envelope's rules plus its tensors against their specs.
-    Raises LocalProtocolError; on success the envelope may be encoded and sent."""
+) -> Frames:
+    """The front, before sending anything: the envelope's rules, then its encoding (its tensors against
+    their specs). Raises LocalProtocolError; on success, the frames to send."""
     validate_envelope(env, geometry, last_call_id, LocalProtocolError, last_cache_epoch=last_cache_epoch)
-    check_tensors(env.tensors, tensors, LocalProtocolError, "envelope")
+    return encode(env, tensors)
 
 
 # -- PP result (leader -> front) -----------------------------------------------------------------------
@@ -343,10 +349,11 @@ def validate_result(
     )
 
 
-def preflight_result(res: PPResultV1, tensors: Sequence[Any], geometry: ChunkGeometry) -> None:
-    """The leader, before sending a result. Raises LocalProtocolError."""
+def preflight_result(res: PPResultV1, tensors: Sequence[Any], geometry: ChunkGeometry) -> Frames:
+    """The leader, before sending a result: the rules, then the encoding. Raises LocalProtocolError; on
+    success, the frames to send."""
     validate_result(res, geometry, LocalProtocolError)
-    check_tensors(res.tensors, tensors, LocalProtocolError, "result")
+    return encode(res, tensors)
 
 
 def check_result_matches(
@@ -397,10 +404,13 @@ def validate_tp_header(
 
 def preflight_tp_header(
     h: TPHeaderV1, tensors: Sequence[Any], geometry: ChunkGeometry, last_call_id: int | None = None
-) -> None:
-    """The leader, before relaying to workers. Raises LocalProtocolError."""
+) -> Frames:
+    """The leader, before sending a header it built itself (PING, WARMUP) to the workers: the rules, then
+    the encoding. Raises LocalProtocolError; on success, the frames to send. A header relaying an envelope
+    the leader validated one step before (``relay_header``) holds these rules by construction: it is only
+    encoded (``tests/protocol`` pins that every valid envelope relays to a valid header)."""
     validate_tp_header(h, geometry, last_call_id, LocalProtocolError)
-    check_tensors(h.tensors, tensors, LocalProtocolError, "tp_header")
+    return encode(h, tensors)
 
 
 # -- READY (leader -> front) ---------------------------------------------------------------------------
@@ -417,5 +427,7 @@ def validate_ready(r: ReadyV1, error_cls: ErrorCls = RemoteProtocolError) -> Non
         )
 
 
-def preflight_ready(r: ReadyV1) -> None:
+def preflight_ready(r: ReadyV1) -> Frames:
+    """The leader, before sending READY: the rules, then the encoding; the frames to send."""
     validate_ready(r, LocalProtocolError)
+    return encode(r)

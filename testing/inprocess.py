@@ -33,8 +33,8 @@ STANDIN = "pp1.testing.standin:factory"
 class SoloMesh:
     """The TP channel of a mesh of one: nothing to send, nothing to receive, nothing to warm."""
 
-    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True
-                    ) -> None:
+    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True,
+                    preflight: bool = True) -> None:
         return None
 
     def recv_header(self, until: float | None) -> TPHeaderV1:  # pragma: no cover - a leader never receives

@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -86,6 +86,14 @@ class FrameBatch:
 
 
 FrameSink = Callable[[FrameBatch], None]
+
+
+def announce(env: PPEnvelopeV1, tensors: Sequence[torch.Tensor]) -> PPEnvelopeV1:
+    """``env`` announcing ``tensors``, an INFER's conditioning, noise and (recompute) context frames, in
+    travel order (the preflight checks them against the geometry)."""
+    specs = tuple(TensorSpec(name=nm, dtype=dtype_name(t.dtype), shape=tuple(t.shape))
+                  for nm, t in zip((T_CONDITIONING, T_NOISE, T_CONTEXT), tensors, strict=False))
+    return env.model_copy(update={"tensors": specs})
 
 
 @dataclass
@@ -289,9 +297,7 @@ class FrontEngine(Executor):
             except LocalProtocolError as err:
                 self._refused(env, err)
                 raise
-            specs = tuple(TensorSpec(name=nm, dtype=dtype_name(t.dtype), shape=tuple(t.shape))
-                          for nm, t in zip((T_CONDITIONING, T_NOISE, T_CONTEXT), tensors, strict=False))
-            env = env.model_copy(update={"tensors": specs})
+            env = announce(env, tensors)
             env, tensors, preflight = self._inject(env, tensors)
         try:
             self.channel.send_envelope(env, tensors, timeout_s=it.timeout_s, preflight=preflight)

@@ -7,6 +7,8 @@ first frame, and the peak memory of every rank (``peak_memory`` events the ranks
 
     pp1 bench --preset tiny                                  # CPU defaults: pp1:2, tp:2, tp:1, pp1:1
     pp1 bench --device cuda --preset krea-14b-shape --dtype bfloat16 --configs pp1:3,tp:4
+
+``pp1 bench --hop``: the protocol hop against the raw transport instead (``pp1.adapters.launch.hop``).
 """
 
 from __future__ import annotations
@@ -348,11 +350,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict[str, Any], out_dir: str, label: str) -> tuple[str, str]:
-    """Write ``bench-<label>.json`` and ``.md`` (atomically); returns their paths."""
+def write_outputs(result: dict[str, Any], out_dir: str, label: str,
+                  render: Callable[[dict[str, Any]], str] | None = None) -> tuple[str, str]:
+    """Write ``bench-<label>.json`` and ``.md`` (``render``: the Markdown, default :func:`markdown`), atomically;
+    returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = (os.path.join(out_dir, f"bench-{label}.json"), os.path.join(out_dir, f"bench-{label}.md"))
-    for path, text in zip(paths, (json.dumps(result, indent=1, default=str) + "\n", markdown(result)), strict=True):
+    text_md = (render or markdown)(result)
+    for path, text in zip(paths, (json.dumps(result, indent=1, default=str) + "\n", text_md), strict=True):
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text)

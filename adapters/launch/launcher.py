@@ -45,6 +45,7 @@ class LaunchOptions(options.JobOptions):
 
     tp: int | None = 2
     extra_args: list[str] = field(default_factory=list)  # more options for every rank
+    entry: str = RANK_ENTRY  # the module every rank runs (``pp1 bench --hop``: the hop's)
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
 
@@ -54,7 +55,7 @@ class LaunchOptions(options.JobOptions):
     def command(self, report_json: str) -> list[str]:
         return [
             self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-            "-m", RANK_ENTRY, *self.rank_args(report_json),
+            "-m", self.entry, *self.rank_args(report_json),
         ]
 
 

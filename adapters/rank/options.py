@@ -367,3 +367,41 @@ def parse_prompt_changes(texts: Sequence[str], chunks: int | None = None) -> lis
         if chunks is not None and c.after_chunks >= chunks:
             raise ValueError(f"a change after {c.after_chunks} chunks never happens in a run of {chunks} chunks")
     return changes
+
+
+# -- the protocol hop (pp1 bench --hop) -------------------------------------------------------------------
+
+
+@dataclass
+class HopOptions:
+    """The hop's own options (``pp1 bench --hop`` and its rank entry ``pp1.adapters.roles.hop``): round trips
+    of each kind measured and dropped first, and where each rank's profile goes (None: no profile)."""
+
+    iterations: int = 200
+    warmup: int = 20
+    profile_dir: str | None = None
+
+
+def add_hop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hop-iterations", dest="hop_iterations", type=int, default=HopOptions.iterations,
+                   help=f"measured round trips of each kind (default {HopOptions.iterations})")
+    p.add_argument("--hop-warmup", dest="hop_warmup", type=int, default=HopOptions.warmup,
+                   help=f"round trips of each kind run first and dropped (default {HopOptions.warmup})")
+    p.add_argument("--hop-profile", dest="hop_profile", default=None, metavar="DIR",
+                   help="each rank's protocol phase under cProfile: DIR/hop-rank<r>.prof and .txt")
+
+
+def hop_from_namespace(ns: argparse.Namespace) -> HopOptions:
+    hop = HopOptions(iterations=ns.hop_iterations, warmup=ns.hop_warmup, profile_dir=ns.hop_profile)
+    if hop.iterations < 1:
+        raise InvalidOption("--hop-iterations", f"measure at least one round trip, got {hop.iterations}")
+    if hop.warmup < 1:
+        raise InvalidOption("--hop-warmup", f"at least one round trip (the raw series sends its bytes), got "
+                            f"{hop.warmup}")
+    return hop
+
+
+def hop_argv(hop: HopOptions) -> list[str]:
+    """The hop's options as its rank entry takes them (the inverse of :func:`add_hop_arguments`)."""
+    out = ["--hop-iterations", str(hop.iterations), "--hop-warmup", str(hop.warmup)]
+    return out + (["--hop-profile", hop.profile_dir] if hop.profile_dir else [])

@@ -55,10 +55,14 @@ def front_machine(ctx: RankContext, *, ping: bool, overlap: bool) -> FrontMachin
     )
 
 
+def front_pp_channel(ctx: RankContext, cls: type[PPChannel] = PPChannel) -> PPChannel:
+    """The front's end of the PP channel (its send bound: the deadline floor)."""
+    return cls(ctx.rt, ctx.pipeline.geometry, send_timeout_s=ctx.config.deadline_floor_s)
+
+
 def serve_front(ctx: RankContext) -> int:
     """PP1's front: the PP channel to the leader."""
-    cfg = ctx.config
-    channel = PPChannel(ctx.rt, ctx.pipeline.geometry, send_timeout_s=cfg.deadline_floor_s)
+    channel = front_pp_channel(ctx)
     return _serve(ctx, front_machine(ctx, ping=True, overlap=channel.overlaps), channel)
 
 

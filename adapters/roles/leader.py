@@ -59,7 +59,8 @@ class LeaderExecutor(MeshExecutor):
             h = it.header
             if it.digest_inputs:  # every worker checks the call's tensors against the leader's
                 h = h.model_copy(update={"inputs_digest": checksum(self.tensors)})
-            self.mesh.send_header(h, self.tensors if h.tensors else [], with_tensors=it.with_tensors)
+            self.mesh.send_header(h, self.tensors if h.tensors else [], with_tensors=it.with_tensors,
+                                  preflight=it.preflight)
             if h.action is Action.INFER:
                 self.faults.check(f"relayed:{h.chunk_index}")
             return None
@@ -104,11 +105,18 @@ def leader_machine(ctx: RankContext, *, front_in_process: bool) -> LeaderRelayMa
     )
 
 
-def serve_leader(ctx: RankContext) -> int:
-    """PP1's leader: the PP channel to the front, the TP channel to the workers."""
+def leader_pp_channel(ctx: RankContext, cls: type[PPChannel] = PPChannel) -> PPChannel:
+    """The leader's end of the PP channel (its send bound: the front's deadline floor + the watchdog)."""
+    cfg = ctx.config
+    return cls(ctx.rt, ctx.pipeline.geometry, send_timeout_s=cfg.deadline_floor_s + cfg.watchdog_s)
+
+
+def serve_leader(ctx: RankContext, pp: PPChannel | None = None) -> int:
+    """PP1's leader: the PP channel to the front (``pp``: default :func:`leader_pp_channel`), the TP channel
+    to the workers."""
     p, cfg = ctx.pipeline, ctx.config
     assert p.generator is not None
-    pp = PPChannel(ctx.rt, p.geometry, send_timeout_s=cfg.deadline_floor_s + cfg.watchdog_s)
+    pp = pp or leader_pp_channel(ctx)
     tp = TPChannel(ctx.rt, p.geometry, send_timeout_s=cfg.watchdog_s)
     relay = leader_machine(ctx, front_in_process=False)
     executor = LeaderExecutor(relay, p.generator, tp, pp, ctx.rt.device, ctx.faults, recv_timeout_s=cfg.watchdog_s,

@@ -110,8 +110,9 @@ class PPChannel(_Channel):
         injection (the leader must then reject the envelope)."""
         if preflight:
             last_epoch = self.last_infer_epoch if env.action is Action.INFER else None
-            preflight_envelope(env, tensors, self.geometry, self.last_call_id, last_cache_epoch=last_epoch)
-        frames = encode(env, tensors)
+            frames = preflight_envelope(env, tensors, self.geometry, self.last_call_id, last_cache_epoch=last_epoch)
+        else:
+            frames = encode(env, tensors)
         bound = self.send_timeout_s if timeout_s is None else timeout_s
         self._io(wire.send_p2p, self.rt, frames, self.groups, self.peer, bound)
         self.last_call_id = env.call_id
@@ -145,12 +146,11 @@ class PPChannel(_Channel):
         return self._io(wire.recv_tensors, self.rt, specs, self.groups, self.peer, True, timeout_s)
 
     def send_result(self, result: PPResultV1, tensors: Sequence[torch.Tensor] = ()) -> None:
-        preflight_result(result, tensors, self.geometry)
-        self._io(wire.send_p2p, self.rt, encode(result, tensors), self.groups, self.peer, self.send_timeout_s)
+        frames = preflight_result(result, tensors, self.geometry)
+        self._io(wire.send_p2p, self.rt, frames, self.groups, self.peer, self.send_timeout_s)
 
     def send_ready(self, ready: ReadyV1) -> None:
-        preflight_ready(ready)
-        self._io(wire.send_p2p, self.rt, encode(ready), self.groups, self.peer, self.send_timeout_s)
+        self._io(wire.send_p2p, self.rt, preflight_ready(ready), self.groups, self.peer, self.send_timeout_s)
 
     # -- warm-up -----------------------------------------------------------------------------------
     def warm_pair(self, timeout_s: float) -> None:
@@ -180,14 +180,14 @@ class TPChannel(_Channel):
         self.headers = 0
 
     # -- leader ------------------------------------------------------------------------------------
-    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True
-                    ) -> None:
+    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True,
+                    preflight: bool = True) -> None:
         """Preflight (LocalProtocolError: nothing sent), then header + meta (+ tensors when
-        ``with_tensors``) to every worker."""
+        ``with_tensors``) to every worker. ``preflight=False``: a header relaying an envelope validated one
+        step before is only encoded (the codec's checks; ``preflight_tp_header`` says why)."""
         if self.rt.mesh_size == 1:
             return
-        preflight_tp_header(header, tensors, self.geometry)
-        frames = encode(header, tensors)
+        frames = preflight_tp_header(header, tensors, self.geometry) if preflight else encode(header, tensors)
         if not with_tensors:
             frames.tensors = []
         self._io(wire.send_broadcast, self.rt, frames, self.groups, self.send_timeout_s)

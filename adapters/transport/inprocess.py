@@ -45,7 +45,8 @@ class InProcessChannel:
         if preflight:
             last_epoch = self.last_infer_epoch if env.action is Action.INFER else None
             preflight_envelope(env, tensors, self.geometry, self.last_call_id, last_cache_epoch=last_epoch)
-        encode(env, tensors)  # the same local checks as on the wire (serialisable, tensors match)
+        else:
+            encode(env, tensors)  # the same local checks as on the wire (serialisable, tensors match)
         self.last_call_id = env.call_id
         if env.action is Action.INFER:
             self.last_infer_epoch = env.cache_epoch
@@ -76,6 +77,7 @@ class InProcessChannel:
         return out
 
     def send_result(self, result: PPResultV1, tensors: Sequence[torch.Tensor] = ()) -> None:
+        encode(result, tensors)  # the codec's checks, as on the wire (the front's recv_result runs the rules)
         self._results.append((result, list(tensors)))
 
     def send_ready(self, ready: ReadyV1) -> None:

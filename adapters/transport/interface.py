@@ -82,8 +82,8 @@ class LeaderEnd(Protocol):
 class MeshEnd(Protocol):
     """A mesh rank's end of the TP channel (the leader sends, workers receive)."""
 
-    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True
-                    ) -> None: ...
+    def send_header(self, header: TPHeaderV1, tensors: Sequence[torch.Tensor] = (), with_tensors: bool = True,
+                    preflight: bool = True) -> None: ...
 
     def recv_header(self, until: float | None) -> TPHeaderV1: ...
 

@@ -70,6 +70,10 @@ def meta_of(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+RES_INF = encode(PPResultV1(action=Action.NOOP, ok=True, call_id=1, timings_ms={"decode": 1.5})).meta.replace(
+    b"1.5", b"1e999")
+
+
 def with_fields(**kw: Any) -> bytes:
     obj = dict(ENV_OBJ)
     for k, v in kw.items():
@@ -174,6 +178,13 @@ META_CASES = [
         "envelope.meta",
     ),
     ("count_vs_header", header(n_tensors=0), GOOD.meta, "tensor_count_mismatch", "envelope.tensors"),
+    (  # JSON cannot spell Inf, but a number too large for a float parses to it: the codec's rule, on receipt
+        "overflowing_timing",
+        header(kind=2, n_tensors=0, meta=RES_INF),
+        RES_INF,
+        "non_finite_float",
+        "result.timings_ms.decode",
+    ),
     (
         "result_meta_as_envelope",
         header(meta=encode(PPResultV1(action=Action.NOOP, ok=True, call_id=1)).meta),

@@ -165,7 +165,7 @@ class Case:
     code: str
     field: str
     tensors: Callable[[Any], list[Any]] | None = None  # default: matching tensors for msg.tensors
-    meta_rule: bool = True  # the receiver's validate_* rejects it too (metadata, not tensor bytes)
+    meta_rule: bool = True  # the receiver's validate_* rejects it too (metadata rules, not the codec's or tensors)
     last_cache_epoch: int | None = None
 
 
@@ -426,20 +426,28 @@ CORPUS: list[Case] = [
     ),
     Case("noop_result_tensor", res(action=Action.NOOP), "unexpected_tensor", "result.tensors[0]"),
     Case("result_warmup", res(action=Action.WARMUP, tensors=()), "bad_action", "result.action"),
+    # the codec's rules (what JSON cannot carry, sizes): the sender's encode refuses them; a receiver meets
+    # them in decode (test_protocol_corrupt_frames), never in validate_*
     Case(
         "timing_nan",
         res(timings_ms={"denoise": float("nan")}),
         "non_finite_float",
         "result.timings_ms.denoise",
+        meta_rule=False,
     ),
     Case(
-        "timing_inf", res(timings_ms={"decode": float("inf")}), "non_finite_float", "result.timings_ms.decode"
+        "timing_inf",
+        res(timings_ms={"decode": float("inf")}),
+        "non_finite_float",
+        "result.timings_ms.decode",
+        meta_rule=False,
     ),
     Case(
         "meta_too_large",
         FAILED_RES.model_copy(update={"error_message": "x" * 70_000}),
         "meta_too_large",
         "result",
+        meta_rule=False,
     ),
     Case(
         "latents_tensor_dtype",
@@ -497,6 +505,7 @@ CORPUS: list[Case] = [
         READY.model_copy(update={"warmup_ms": (float("nan"),)}),
         "non_finite_float",
         "ready.warmup_ms[0]",
+        meta_rule=False,  # the codec's rule (above)
     ),
 ]
 
