@@ -160,11 +160,14 @@ class ProtocolMachine:
     @classmethod
     def next_state(cls, state: str, event: str) -> str | None:
         """The table's answer for (state, event), or None when the event is not allowed."""
-        for t in cls.transition_dicts():
-            src = t["source"]
-            if t["trigger"] == event and (state == src or (isinstance(src, list) and state in src)):
-                return t["dest"]
-        return None
+        lookup = cls.__dict__.get("_lookup_cache")
+        if lookup is None:
+            lookup = {}
+            for t in cls.transition_dicts():
+                for src in t["source"] if isinstance(t["source"], list) else [t["source"]]:
+                    lookup.setdefault((src, t["trigger"]), t["dest"])  # the first row wins, as in transitions
+            cls._lookup_cache = lookup
+        return lookup.get((state, event))
 
     # -- the contract -------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Intent]:
@@ -210,7 +213,8 @@ class ProtocolMachine:
         return self.state in self.TERMINAL
 
     def _log_state(self, event: Any) -> None:
-        ids = " ".join(f"{k}={v}" for k, v in self.ctx.items())
-        log.debug("%s rank=%d %s event=%s -> state=%s", self.NAME, self.rank, ids, event.event.name, self.state)
+        if log.isEnabledFor(logging.DEBUG):
+            ids = " ".join(f"{k}={v}" for k, v in self.ctx.items())
+            log.debug("%s rank=%d %s event=%s -> state=%s", self.NAME, self.rank, ids, event.event.name, self.state)
         for watcher in self._watchers:
             watcher(self, event.event.name, self.state)
