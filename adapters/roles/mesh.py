@@ -11,7 +11,7 @@ import torch
 from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan
 from pp1.adapters.roles.shard import run_shard, warmup_tensors
-from pp1.adapters.transport.interface import MeshEnd
+from pp1.adapters.transport.interface import MeshEnd, WouldBlock
 from pp1.fsm.base import Event, Intent, ProtocolMachine
 from pp1.fsm.events import MeshWarm, ShardDone, ShardFailed
 from pp1.fsm.intents import MakeWarmupTensors, RunShard, WarmMesh
@@ -51,6 +51,8 @@ class MeshExecutor(Executor):
         h = it.header
         try:
             out, ms = run_shard(self.generator, h, self.tensors)
+        except WouldBlock:  # an in-memory mesh: the collective cannot complete yet (nothing consumed)
+            raise
         except Exception as exc:
             log.exception("shard failed call_id=%d chunk_index=%d cache_epoch=%d", h.call_id, h.chunk_index,
                           h.cache_epoch)
