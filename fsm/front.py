@@ -280,14 +280,23 @@ class FrontMachine(RoleMachine):
 
     # -- waits that ran out, broken channels ---------------------------------------------------------
     def on_timed_out(self, now: float) -> list[Intent]:
+        """A bounded wait ran out (the channel is poisoned): the PING, the pair's warm-up, READY, a result's
+        deadline, or a send the leader did not take within its bound."""
+        if self.is_terminal:  # the farewell SHUTDOWN's send ran out: its Exit follows
+            return []
         if self.state == PINGING:
             return self._fail(f"no answer to the PING within {self.warm_timeout_s:g} s", "remote", poisoned=True)
         if self.state == AWAITING_READY:
             return self._fail(f"no READY from the leader within {self.ready_timeout_s:g} s", "remote",
                               poisoned=True)
+        if self.state != SERVING:
+            return self._fail(f"the pair's warm-up did not complete within {self.warm_timeout_s:g} s", "remote",
+                              poisoned=True)
         due = self.chunk.deadline_at()
-        d = self.chunk.on_deadline_missed(max(now, due if due is not None else now))
-        return self._on_decision(d, now)
+        if due is None:  # nothing awaited: the send itself ran out
+            return self._on_decision(self.chunk.poison("the leader did not take the envelope within its bound"),
+                                     now)
+        return self._on_decision(self.chunk.on_deadline_missed(max(now, due)), now)
 
     def on_peer_gone(self, reason: str) -> list[Intent]:
         if self.state != SERVING:

@@ -225,6 +225,10 @@ class LifecycleMachine(ProtocolMachine):
     def on_peer_gone(self, reason: str) -> list[Intent]:
         return self._exit(f"a peer was lost during {self.state}: {reason}", "remote")
 
+    def on_timed_out(self, now: float) -> list[Intent]:
+        """A startup collective outlived the process-group timeout (a peer is stalled)."""
+        return self._exit(f"a startup collective timed out during {self.state}", "remote")
+
     def on_local_error(self, reason: str) -> list[Intent]:
         """Creating the topology's groups failed (every rank has the same config: every rank fails alike)."""
         return self._exit(f"topology: {reason}", "local")

@@ -90,7 +90,7 @@ class TransportViolation(AssertionError):
     received that were never announced, collectives called in a different order on different ranks)."""
 
 
-Observer = Callable[..., None]  # (what, **fields)
+Observer = Callable[..., None]  # (name, /, **fields)
 
 
 # == the transport ===================================================================================
@@ -118,7 +118,7 @@ class _Link:
         self.inbox: dict[int, deque[_Frame]] = {a: deque(), b: deque()}
         self.broken: str | None = None
         self.garble_next: set[int] = set()  # receivers whose next control frame arrives undecodable
-        self.tamper_next: dict[int, Callable[[Any], Any]] = {}  # receiver -> rewrites its next message in transit
+        self.tamper_next: dict[int, Callable[[Any], Any]] = {}  # receiver -> rewrites the next message it decodes
 
 
 @dataclass
@@ -189,9 +189,9 @@ class MemoryTransport:
             link.broken = why
             self.notify("link_broken", link=link.name, ranks=link.ranks, why=why)
 
-    def notify(self, what: str, **fields: Any) -> None:
+    def notify(self, name: str, /, **fields: Any) -> None:
         for obs in self.observers:
-            obs(what, **fields)
+            obs(name, **fields)
 
     # -- waiting ------------------------------------------------------------------------------------
     def bound(self, rank: int, timeout_s: float | None) -> float | None:
@@ -248,9 +248,6 @@ class MemoryTransport:
                 if f.kind == "control" and dst in link.garble_next:
                     link.garble_next.discard(dst)
                     f = _Frame("control", f.sent_at, b"XXXX" + f.header[4:], f.meta)
-                elif f.kind == "control" and dst in link.tamper_next:
-                    enc = encode(link.tamper_next.pop(dst)(decode(f.header, f.meta)))
-                    f = _Frame("control", f.sent_at, enc.header, enc.meta)
                 link.inbox[dst].append(f)
 
     def recv_control(self, rank: int, link: _Link, src: int, until: float | None, what: str) -> tuple[_Frame, Any]:
@@ -269,7 +266,9 @@ class MemoryTransport:
                                          f"{_names(f.specs)} its last header announced: a receive was skipped")
             if until is None or self.now < until or f.sent_at <= until:
                 q.popleft()
-                return f, decode(f.header, f.meta)
+                msg = decode(f.header, f.meta)
+                tamper = link.tamper_next.pop(rank, None)
+                return f, (tamper(msg) if tamper is not None else msg)
             self.wait(rank, what, until, lambda: True, expire)  # it arrived after the bound: expired first
         if not self.alive(src):
             raise PeerLost(what, f"Connection closed by peer [rank {src}]")
@@ -487,6 +486,7 @@ class MemoryStartup:
 
     def __init__(self, t: MemoryTransport, rank: int) -> None:
         self.t, self.rank = t, rank
+        self._vote: int | None = None  # the vote's result while its causes are still being gathered
 
     def _world(self, name: str, value: Any, combine: Callable[[list[Any]], Any]) -> Any:
         return self.t.collective(self.rank, "world", name, value, combine, self.t.pg_timeout_s)
@@ -501,8 +501,12 @@ class MemoryStartup:
         self._world("init_groups", None, lambda _: None)
 
     def vote(self, vote: int, cause: str | None) -> tuple[int, list[str | None]]:
-        low = self._world("vote", vote, min)
-        return low, (self._world("vote_causes", cause, list) if low == 0 else [])
+        if self._vote is None:
+            self._vote = self._world("vote", vote, min)
+        low = self._vote
+        causes = self._world("vote_causes", cause, list) if low == 0 else []  # WouldBlock: the vote is kept
+        self._vote = None
+        return low, causes
 
     def gather_fingerprints(self, fingerprint: str) -> list[str]:
         return self.t.collective(self.rank, "mesh_cpu", "fingerprint", fingerprint, list, self.t.pg_timeout_s)
@@ -587,6 +591,17 @@ class CountingGenerator:
         return FINGERPRINT
 
 
+class SmallStage0(StandinStage0):
+    """The stand-in's stage 0 with frames at the latents' size (decoding is most of a cheap stage 0's time)."""
+
+    def decode(self, latents: torch.Tensor, first_chunk: bool) -> torch.Tensor:
+        c, t, h, w = latents.shape
+        frames = 4 * t - (3 if first_chunk else 0)
+        x = latents[:3].float().mean(dim=1)
+        img = ((x.tanh() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        return img.unsqueeze(0).expand(frames, -1, -1, -1).contiguous()
+
+
 class MemoryFactory:
     """The fake pipeline's factory (what ``LoadedPipeline.factory`` holds)."""
 
@@ -609,12 +624,13 @@ class SteppedInProcessChannel(InProcessChannel):
         self.t, self.rank = transport, rank
         self.leader: LeaderExecutor | None = None
         self.delivering: int | None = None  # the call_id whose leader call is in progress
+        self._sending: tuple[PPEnvelopeV1, list[torch.Tensor]] | None = None
         self.deliver = self._deliver
 
     def _deliver(self, env: PPEnvelopeV1) -> str | None:
         assert self.leader is not None
         self.delivering = env.call_id
-        self.t.notify("envelope", rank=self.rank, env=env, tensors=list(self._tensors))
+        self._sending = (env, list(self._tensors))
         self.leader.feed(EnvelopeReceived(env, self.t.now))
         return self._resume()
 
@@ -628,8 +644,11 @@ class SteppedInProcessChannel(InProcessChannel):
                       preflight: bool = True) -> None:
         if self.delivering is None:
             super().send_envelope(env, tensors, timeout_s, preflight)
-            return
-        self.exited = self._resume()
+        else:
+            self.exited = self._resume()
+        sent, self._sending = self._sending, None
+        if sent is not None:  # sent when the leader's call is done (as production's send returns then)
+            self.t.notify("envelope", rank=self.rank, env=sent[0], tensors=sent[1])
 
     def recv_result(self, until: float | None) -> tuple[PPResultV1, list[torch.Tensor]]:
         self.t.notify("await_result", rank=self.rank, until=until)
@@ -678,7 +697,7 @@ class MemoryRank:
             raise RuntimeError(self.load_error)
         loaded = LoadedPipeline(factory=MemoryFactory(), geometry=GEOMETRY, timesteps=TIMESTEPS)  # type: ignore[arg-type]
         if self.rt.hosts_front:
-            loaded.stage0 = StandinStage0(GEOMETRY, CPU, torch.float32)
+            loaded.stage0 = SmallStage0(GEOMETRY, CPU, torch.float32)
         if self.rt.is_mesh_member:
             self.generator = CountingGenerator(GEOMETRY, MemoryCommunicator(self.job.transport, self.rank))
             loaded.generator = self.generator

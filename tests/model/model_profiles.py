@@ -14,6 +14,8 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 PROFILES: dict[str, settings] = {
     # CI: derandomized (the same examples every run, no flakes), >= 500 examples per topology.
     "ci": settings(max_examples=500, stateful_step_count=8, derandomize=True, database=None, **_COMMON),
+    # quick: a smoke run while developing (seconds).
+    "quick": settings(max_examples=60, stateful_step_count=8, derandomize=True, database=None, **_COMMON),
     # deep: random, many more and longer runs (minutes).
     "deep": settings(max_examples=5000, stateful_step_count=40, **_COMMON),
 }
