@@ -117,6 +117,7 @@ class Cluster:
         self.ledger = Ledger()
         self.kills = 0
         self.corrupt_chunks: set[int] = set()  # chunk indices the front's FaultPlan corrupts
+        self.refusals: list[str] = []  # faults that make the front refuse its own envelope
         self.front_exit_at: float | None = None
         self.job.transport.observers.append(self._observe)
         self.job.add_sink(self._on_shown)
@@ -197,6 +198,8 @@ class Cluster:
         c = self.engine.machine.chunk if self.engine is not None else None
         k = c.position if c is not None else 0
         self.corrupt_chunks.add(k)
+        if kind != "corrupt_envelope":
+            self.refusals.append(kind)
         self._fault(f"{kind} on chunk {k}", timing=False)
         self.front.ctx.faults.faults.append(Fault(rank=self.front.rank, at=f"chunk:{k}", do=kind))
 
@@ -264,8 +267,8 @@ class Cluster:
         return moved
 
     def pump(self, ranks: list[int] | None = None, until: Any = None, max_steps: int = 5000) -> None:
-        """Step the given ranks (default: all) round-robin, jumping time when none can move, until
-        ``until()`` holds, or nothing can happen."""
+        """Step the given ranks (default: all) round-robin, jumping time when none can move, until ``until()``
+        holds (a ModelViolation when it never can), or, without ``until``, nothing can happen."""
         for i in range(max_steps):
             if until is not None and until():
                 return
@@ -274,18 +277,21 @@ class Cluster:
                 self.step_rank(live[i % len(live)])
                 continue
             if self.job.all_exited() or not self.jump():
-                return
+                if until is None or until():
+                    return
+                raise ModelViolation(f"pump: nothing more can happen and the condition does not hold: "
+                                     f"{self.describe()}")
         raise ModelViolation(f"pump did not end after {max_steps} steps: {self.describe()}")
 
     def run_until_serving(self, max_steps: int = 5000) -> None:
         """The first enabled step (the next timer when none) until the front serves or has exited."""
-        self.pump(until=lambda: not self.front.alive or self.serving(), max_steps=max_steps)
+        self.pump(until=lambda: not self.front.alive or self.serving() or self.job.all_exited(), max_steps=max_steps)
 
     def run_chunks(self, n: int, max_steps: int = 5000) -> None:
         """Stream until ``n`` more chunks were shown, or the front stops serving."""
         want = len(self.ledger.shown) + n
-        self.pump(until=lambda: len(self.ledger.shown) >= want or not self.serving() or self.engine.machine.done,
-                  max_steps=max_steps)
+        self.pump(until=lambda: len(self.ledger.shown) >= want or not self.serving() or self.engine.machine.done
+                  or self.job.all_exited(), max_steps=max_steps)
 
     def settle(self, max_steps: int = 20000) -> None:
         """Drive the job to its end: to serving (or failure), then SIGTERM on the front, then until every rank
@@ -442,6 +448,9 @@ class Cluster:
         if event == "cut":
             led.epoch += 1
             led.index = 0
+        elif event in ("abort", "abort_closing"):
+            self.check(bool(self.refusals), "the front refused its own envelope (planned again) without a fault "
+                       "that breaks an envelope")
         elif event == "result_retry":
             self.check(led.failures_in_a_row == 0, "retried after a second failure in a row (retry once, then fail)")
             led.failures_in_a_row += 1
