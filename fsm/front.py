@@ -24,9 +24,9 @@ The rules of the loop, each decided here and nowhere else:
 - Requests (stop, hard cut) come from other threads through the adapter, only between steps
   (``on_stop_requested`` / ``on_cut_requested`` return nothing: they change state, and the next step
   sees it). A stop before serving is kept and applied once serving starts (never lost).
-- Failure: a deadline missed or a broken channel poisons it (no further send); otherwise a best-effort
-  farewell SHUTDOWN goes out under a short bound, then ``Exit(EXIT_FAILED)`` with the chunk machine's
-  cause. SHUTDOWN answered: ``Exit(EXIT_OK)``.
+- Failure: a deadline missed or a broken channel poisons it (no further send); otherwise, once READY came
+  (the leader is in its loop), a best-effort farewell SHUTDOWN goes out under a short bound, then
+  ``Exit(EXIT_FAILED)`` with the chunk machine's cause. SHUTDOWN answered: ``Exit(EXIT_OK)``.
 
 With a ``lifecycle``, the loop moves it: ``channels_warm`` (pair warm), ``warmup_done`` (READY),
 ``drain`` (a stop applied), ``drained`` (SHUTDOWN answered), and its failure with the same cause.
@@ -418,7 +418,8 @@ class FrontMachine(RoleMachine):
                             why="the mesh failed"))
         if not poisoned and not self.chunk.is_terminal:
             self.chunk.fail_with(reason, "local" if kind == "local" else "remote")
-        farewell = None if poisoned else self.chunk.farewell_plan()
+        before_ready = self.ping and self.ready is None  # the leader is not in its loop yet: it takes no SHUTDOWN
+        farewell = None if poisoned or before_ready else self.chunk.farewell_plan()
         if farewell is not None:
             out.append(SendEnvelope(envelope_from_plan(farewell),
                                     timeout_s=min(FAREWELL_BOUND_S, 4 * self.chunk.heartbeat_s)))
