@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,6 +218,13 @@ def tracked_files() -> list[str]:
     return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
+def package_dirs() -> dict[str, str]:
+    """pyproject's ``[tool.setuptools.package-dir]``: import name -> folder."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^"([^"]+)"\s*=\s*"([^"]+)"', section, flags=re.M))
+
+
 def make_copy(files: list[str]) -> Path:
     """A copy of the tree that imports as ``pp1`` from its own folders."""
     dst = Path(tempfile.mkdtemp(prefix="pp1-mutate-"))
@@ -225,7 +232,7 @@ def make_copy(files: list[str]) -> Path:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
-    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    package_dir = package_dirs()
     for name, folder in package_dir.items():
         parts = name.split(".")
         if len(parts) == 2 and parts[0] == "pp1":
@@ -255,7 +262,7 @@ def run_level(dst: Path, paths: list[str]) -> tuple[bool, float, str]:
         proc = subprocess.run(cmd, cwd=dst, env=_env(dst), capture_output=True, text=True, timeout=LEVEL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return True, time.monotonic() - t0, "timed out"
-    tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:2]
+    tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED tests", "ERROR tests"))][:2]
     return proc.returncode != 0, time.monotonic() - t0, " | ".join(tail)[:300]
 
 

@@ -543,13 +543,17 @@ def _same_call_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 class CountingGenerator:
     """A generator shard that runs no model: per call one all-reduce through its communicator carrying the
     call's ids (every mesh rank must run the same call), a call counter, latents of the right shape.
-    ``fault``: the next INFER call raises ("raise") or miscounts its generator calls ("tripwire")."""
+    ``fault``: the next call raises ("raise") or miscounts its generator calls ("tripwire"). ``slow_s``: the
+    next call computes that many (virtual) seconds before its all-reduce; ``tempo``: the next calls', one each."""
 
     def __init__(self, geometry: ChunkGeometry, comm: MemoryCommunicator) -> None:
         self.geometry, self.comm = geometry, comm
         self.calls = 0  # completed calls (every action)
         self.start_frame = 0
         self.fault: str | None = None
+        self.slow_s = 0.0
+        self.tempo: deque[float] = deque()  # compute seconds of the next calls, one each (after slow_s)
+        self._computed_at: float | None = None  # when the call in hand is computed (a slow call)
         self.seen: list[tuple[int, int, int, bool]] = []  # (call_id, chunk_index, cache_epoch, recompute)
 
     def run(self, call: ChunkCall) -> ChunkOutput:
@@ -567,12 +571,20 @@ class CountingGenerator:
             raise ValueError("context_frames without do_kv_recompute")
         fault = self.fault
         if fault == "raise":
-            self.fault = None
+            self.fault, self._computed_at = None, None
             raise RuntimeError(f"injected generator failure (call_id={call.call_id})")
+        t = self.comm.t
+        if self._computed_at is None:  # the call's first attempt: how long it computes is fixed now
+            slow = self.slow_s or (self.tempo.popleft() if self.tempo else 0.0)
+            self.slow_s, self._computed_at = 0.0, t.now + slow
+        at = self._computed_at
+        if t.now < at:  # computing: a heartbeat-like timer, not a bound
+            t.wait(self.comm.global_rank, "compute", at, lambda: t.now >= at, failure=False)
         ids = torch.tensor([self.calls, call.call_id, call.chunk_index, call.cache_epoch, int(call.do_kv_recompute),
                             ctx, int(call.init_cache), int(call.reset_cache)], dtype=torch.float64)
         self.comm.all_reduce_sum_(ids)  # WouldBlock until every mesh rank runs this call: nothing changed yet
         self.calls += 1
+        self._computed_at = None
         self.seen.append((call.call_id, call.chunk_index, call.cache_epoch, call.do_kv_recompute))
         if call.init_cache or call.reset_cache:
             self.start_frame = 0

@@ -89,12 +89,13 @@ class Cluster:
     """``topology``: "pp1" (front rank 0 + mesh ranks 1..M) or "tp" (mesh ranks 0..M-1, rank 0 is leader and
     front). Startup faults are chosen at construction: ``bad_config_rank`` (differs at parity),
     ``load_fail_rank`` (its load fails), ``bad_fingerprint_rank`` (a mesh rank's shard differs).
-    ``chunks``/``then``: a headless front (None: serve until stopped)."""
+    ``chunks``/``then``: a headless front (None: serve until stopped). ``tempo``: compute seconds of the leader's
+    first serving calls (each below the deadline floor: not a fault), so that the deadline's p99 moves."""
 
     def __init__(self, topology: str, mesh_size: int, *, recompute_every: int = 1, warmup_chunks: int = 1,
                  context_source: str = "latents", chunks: int | None = None, then: str = "shutdown",
                  bad_config_rank: int | None = None, load_fail_rank: int | None = None,
-                 bad_fingerprint_rank: int | None = None) -> None:
+                 bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = ()) -> None:
         self.topology = topology
         self.K = recompute_every
         self.job = MemoryJob(topology, mesh_size, bad_config_rank=bad_config_rank, load_fail_rank=load_fail_rank,
@@ -119,6 +120,7 @@ class Cluster:
         self.corrupt_chunks: set[int] = set()  # chunk indices the front's FaultPlan corrupts
         self.refusals: list[str] = []  # faults that make the front refuse its own envelope
         self.front_exit_at: float | None = None
+        self.tempo = list(tempo)
         self.job.transport.observers.append(self._observe)
         self.job.add_sink(self._on_shown)
 
@@ -217,6 +219,14 @@ class Cluster:
             self._fault(f"generator {kind} on rank {rank}", timing=kind == "raise" or p.lifecycle.state != "serving")
             g.fault = kind
 
+    def slow(self, rank: int, seconds: float) -> None:
+        """The next call of ``rank``'s generator computes for ``seconds`` (less than the deadline floor: not a
+        fault; round trips that long move the deadline's p99)."""
+        p = self.procs[rank]
+        if p.alive and p.generator is not None:
+            self.trace.append(f"slow r{rank} {seconds:g} s")
+            p.generator.slow_s = seconds
+
     def tamper_next_envelope(self, **update: Any) -> None:
         """The front's next envelope is altered in transit (fields ``update``), undetectably to the codec."""
         t = self.job.transport
@@ -261,6 +271,9 @@ class Cluster:
         p = self.procs[r]
         head = p.head()
         moved = self.job.step(r)
+        if self.tempo and self.serving() and self.leader.generator is not None:
+            self.leader.generator.tempo.extend(self.tempo)
+            self.tempo = []
         if moved:
             self.trace.append(f"{self.job.now:g} r{r} {type(head).__name__ if head else '-'}")
         self.check_front_deadline()
@@ -384,6 +397,11 @@ class Cluster:
         led.sent += 1
         led.sent_at[env.call_id] = self.job.now
         led.last_sent = env
+        if self.engine is not None and self.engine.machine.state == "serving":
+            want = max(FACTOR * p99(led.samples[-P99_SAMPLES:]), FLOOR)
+            got = self.engine.machine.chunk.deadline_s()
+            self.check(abs(got - want) < 1e-6, f"the front's deadline is {got:g} s, the rule says {want:g} s (p99 of "
+                       f"the last {P99_SAMPLES} round trips)")
         if self.engine is not None and self.engine.machine.state == "failed":
             led.farewell = True
             self.check(env.action is Action.SHUTDOWN, f"after a failure the front sent {env.action.value}")

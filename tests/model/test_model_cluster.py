@@ -32,7 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 TICKS = [0.25, 0.5, 0.5, 1.0, 1.0, 2.0, 6.0, 31.0, 80.0]
 STALLS = [0.5, 2.0, 6.0, 10.0, 20.0, 31.0, 80.0, 700.0]
-EVENTS = ["cut", "cut", "prompt", "stop", "signal_front", "signal", "signal_all", "kill", "stall",
+SLOW = [2.0, 8.0, 12.0, 25.0]  # seconds a generator call computes (below the deadline floor: not a fault)
+EVENTS = ["slow", "slow", "cut", "cut", "prompt", "stop", "signal_front", "signal", "signal_all", "kill", "stall",
           "corrupt_envelope", "unserialisable", "bad_dtype", "garble", "generator_raise", "generator_tripwire"]
 
 
@@ -61,12 +62,14 @@ class ClusterModel(RuleBasedStateMachine):
     @initialize(data=st.data(), k=st.sampled_from([0, 1, 2, 3]), warmup=st.sampled_from([0, 1, 1, 2, 4, 5]),
                 source=st.sampled_from(["latents", "latents", "reencode"]),
                 headless=st.sampled_from([None] * 6 + [(0, "idle"), (2, "idle"), (3, "shutdown"), (1, "shutdown")]),
-                from_serving=st.sampled_from([True, True, False]), chunks=st.integers(0, 3))
+                from_serving=st.sampled_from([True, True, False]), chunks=st.integers(0, 3),
+                tempo=st.sampled_from([(), (), (), (12.0, 0.0, 0.0, 0.0), (8.0, 25.0, 0.0, 0.0), (2.0, 12.0, 0.0)]))
     @_tracked
     def start(self, data: st.DataObject, k: int, warmup: int, source: str, headless: tuple[int, str] | None,
-              from_serving: bool, chunks: int) -> None:
+              from_serving: bool, chunks: int, tempo: tuple[float, ...]) -> None:
         """A fresh job; startup faults drawn here. Two runs in three start from serving (startup and
-        ``chunks`` chunks done deterministically) so that most steps exercise serving."""
+        ``chunks`` chunks done deterministically) so that most steps exercise serving. ``tempo``: the mesh's
+        first serving calls take that long (moves the deadline's p99)."""
         m = data.draw(st.sampled_from(self.MESH_SIZES), label="mesh_size")
         world = m + (1 if self.TOPOLOGY == "pp1" else 0)
         startup = data.draw(st.sampled_from([("none", 0)] * 30 + [(kind, r) for kind in ("config", "load")
@@ -75,7 +78,7 @@ class ClusterModel(RuleBasedStateMachine):
                              label="startup_fault")
         n, then = headless if headless is not None else (None, "shutdown")
         self.c = Cluster(self.TOPOLOGY, m, recompute_every=k, warmup_chunks=warmup, context_source=source,
-                         chunks=n, then=then,
+                         chunks=n, then=then, tempo=tempo,
                          bad_config_rank=startup[1] if startup[0] == "config" else None,
                          load_fail_rank=startup[1] if startup[0] == "load" else None,
                          bad_fingerprint_rank=startup[1] if startup[0] == "fingerprint" else None)
@@ -136,6 +139,9 @@ class ClusterModel(RuleBasedStateMachine):
             c.corrupt(what)
         elif what == "garble":
             c.garble(rank())
+        elif what == "slow":
+            c.slow(data.draw(st.sampled_from([p.rank for p in c.mesh]), label="mesh rank"),
+                   data.draw(st.sampled_from(SLOW), label="seconds"))
         elif what.startswith("generator_"):
             c.generator_fault(data.draw(st.sampled_from([p.rank for p in c.mesh]), label="mesh rank"),
                               what.removeprefix("generator_"))
