@@ -543,7 +543,8 @@ def _same_call_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 class CountingGenerator:
     """A generator shard that runs no model: per call one all-reduce through its communicator carrying the
     call's ids (every mesh rank must run the same call), a call counter, latents of the right shape.
-    ``fault``: the next call raises ("raise") or miscounts its generator calls ("tripwire"). ``slow_s``: the
+    ``fault``: the next call raises ("raise") or miscounts its generator calls ("tripwire"; "tripwire_twice":
+    the next two). ``slow_s``: the
     next call computes that many (virtual) seconds before its all-reduce; ``tempo``: the next calls', one each."""
 
     def __init__(self, geometry: ChunkGeometry, comm: MemoryCommunicator) -> None:
@@ -570,6 +571,8 @@ class CountingGenerator:
         elif call.context_frames is not None:
             raise ValueError("context_frames without do_kv_recompute")
         fault = self.fault
+        if fault == "tripwire_twice":  # this call and the next miscount
+            fault = "tripwire"
         if fault == "raise":
             self.fault, self._computed_at = None, None
             raise RuntimeError(f"injected generator failure (call_id={call.call_id})")
@@ -591,7 +594,7 @@ class CountingGenerator:
         self.start_frame += g.latent_frames
         calls = call.expected_generator_calls
         if fault == "tripwire":
-            self.fault = None
+            self.fault = "tripwire" if self.fault == "tripwire_twice" else None
             calls += 1
         return ChunkOutput(latents=(call.noise * 0.5).to(torch.float32), generator_calls=calls,
                            current_start_frame=self.start_frame, timings_ms={"total": 1.0})

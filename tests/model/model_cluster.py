@@ -212,11 +212,13 @@ class Cluster:
             self.job.garble_next_frame(rank)
 
     def generator_fault(self, rank: int, kind: str) -> None:
-        """The next call of ``rank``'s generator raises ("raise") or miscounts its calls ("tripwire")."""
+        """The next call of ``rank``'s generator raises ("raise") or miscounts its calls ("tripwire", or
+        "tripwire_twice": the next two calls)."""
         p = self.procs[rank]
         g = p.generator
         if p.alive and g is not None:  # a tripwire in warmup fails the rank: timing then
-            self._fault(f"generator {kind} on rank {rank}", timing=kind == "raise" or p.lifecycle.state != "serving")
+            self._fault(f"generator {kind} on rank {rank}",
+                        timing=kind == "raise" or p.lifecycle.state != "serving")
             g.fault = kind
 
     def slow(self, rank: int, seconds: float) -> None:
@@ -358,6 +360,11 @@ class Cluster:
             workers = [p.code for p in self.mesh[1:]]
             self.check(all(c == 0 for c in workers), f"no rank was lost, yet worker exit codes {workers} (the front's "
                   f"farewell SHUTDOWN should end them)")
+        if self.engine is not None:
+            st = self.engine.machine.chunk.stats
+            self.check(st.emitted == len(led.accepted), f"the chunk machine accepted {st.emitted} chunks, the model "
+                       f"{len(led.accepted)}")
+            self.check(st.retries == led.retries, f"{st.retries} retries, the model saw {led.retries}")
         seen = [p.generator.seen for p in self.mesh if p.generator is not None]
         longest = max(seen, key=len, default=[])
         for s in seen:
@@ -461,11 +468,13 @@ class Cluster:
                 led.failures_in_a_row = 0
                 led.recomputes += int(sent.do_kv_recompute)
 
-    def _on_chunk(self, _machine: Any, event: str, _state: str) -> None:
+    def _on_chunk(self, machine: Any, event: str, _state: str) -> None:
         led = self.ledger
         if event == "cut":
             led.epoch += 1
             led.index = 0
+        elif event == "fail" and "second failure in a row" in str(machine.failure):
+            self.check(led.failures_in_a_row == 1, "failed on a 'second failure in a row' after a success")
         elif event in ("abort", "abort_closing"):
             self.check(bool(self.refusals), "the front refused its own envelope (planned again) without a fault "
                        "that breaks an envelope")

@@ -34,7 +34,8 @@ TICKS = [0.25, 0.5, 0.5, 1.0, 1.0, 2.0, 6.0, 31.0, 80.0]
 STALLS = [0.5, 2.0, 6.0, 10.0, 20.0, 31.0, 80.0, 700.0]
 SLOW = [2.0, 8.0, 12.0, 25.0]  # seconds a generator call computes (below the deadline floor: not a fault)
 EVENTS = ["slow", "slow", "cut", "cut", "prompt", "stop", "signal_front", "signal", "signal_all", "kill", "stall",
-          "corrupt_envelope", "unserialisable", "bad_dtype", "garble", "generator_raise", "generator_tripwire"]
+          "corrupt_envelope", "unserialisable", "bad_dtype", "garble", "generator_raise", "generator_tripwire",
+          "generator_tripwire_twice"]
 
 
 def _tracked(fn: F) -> F:
