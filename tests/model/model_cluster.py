@@ -83,6 +83,8 @@ class Ledger:
     cut_after_call: int | None = None  # a cut was posted: every INFER planned after this call_id is of a new epoch
     cut_from_epoch: int = 0
     farewell: bool = False
+    stale: int = 0  # results of an older epoch received (discarded)
+    last_activity: float | None = None  # the front's last send or result
 
 
 class Cluster:
@@ -121,6 +123,8 @@ class Cluster:
         self.refusals: list[str] = []  # faults that make the front refuse its own envelope
         self.front_exit_at: float | None = None
         self.tempo = list(tempo)
+        self.max_chunks, self.then = chunks, then
+        self.stop_posted = False  # a stop or a drain was asked of the front
         self.job.transport.observers.append(self._observe)
         self.job.add_sink(self._on_shown)
 
@@ -162,7 +166,9 @@ class Cluster:
         self.trace.append(f"signal r{rank} in {state}: {verdict}")
         if verdict == "fail":
             self._fault(f"signal to rank {rank} during {state} (fails it)", timing=True)
-        elif verdict == "drain" and p is not self.front:
+        elif verdict == "drain" and p is self.front:
+            self.stop_posted = True
+        elif verdict == "drain":
             # issue 11 (3): a drained mesh rank waits for a SHUTDOWN the front is never asked for; its drain
             # bound then ends it. Counted as a fault until that is fixed (see test_regressions: xfail).
             self._fault(f"signal to mesh rank {rank} (drains alone)", timing=True)
@@ -172,6 +178,7 @@ class Cluster:
         """The server's shutdown (``engine.request_stop``): not a fault."""
         if self.engine is not None and self.front.alive:
             self.trace.append("stop requested")
+            self.stop_posted = True
             self.engine.request_stop()
 
     def _note_cut(self) -> None:
@@ -345,7 +352,11 @@ class Cluster:
         head = p.head() if p.alive else None
         if isinstance(head, (AwaitResult, AwaitReady, Idle)):
             self.check(head.until is not None and math.isfinite(head.until),
-                  f"the front waits ({type(head).__name__}) without a deadline")
+                       f"the front waits ({type(head).__name__}) without a deadline")
+        led = self.ledger
+        if isinstance(head, Idle) and led.last_activity is not None:
+            self.check(head.until == led.last_activity + H, f"the front idles until {head.until:g}, H after its last "
+                       f"send or result is {led.last_activity + H:g}")
 
     def check_end(self) -> None:
         self.check(self.job.all_exited(), "live ranks left")
@@ -365,6 +376,8 @@ class Cluster:
             self.check(st.emitted == len(led.accepted), f"the chunk machine accepted {st.emitted} chunks, the model "
                        f"{len(led.accepted)}")
             self.check(st.retries == led.retries, f"{st.retries} retries, the model saw {led.retries}")
+            self.check(st.discarded_stale == led.stale, f"{st.discarded_stale} stale results discarded, the model "
+                       f"saw {led.stale}")
         seen = [p.generator.seen for p in self.mesh if p.generator is not None]
         longest = max(seen, key=len, default=[])
         for s in seen:
@@ -400,10 +413,32 @@ class Cluster:
         self.check(env.call_id > led.last_call_id, f"call_id {env.call_id} sent after {led.last_call_id}")
         self.check(led.sent == led.received, f"overlap depth 1: {env.action.value} call_id={env.call_id} sent with "
               f"{led.sent - led.received} envelope(s) unanswered")
+        now = self.job.now
+        if env.action is Action.NOOP and led.last_activity is not None and not self.timing:
+            self.check(now == led.last_activity + H, f"heartbeat at t={now:g}, {now - led.last_activity:g} s after the "
+                       f"front's last send or result (H={H:g})")
+        if env.action is Action.SHUTDOWN and (self.engine is None or self.engine.machine.state != "failed"):
+            headless_end = self.then == "shutdown" and self.max_chunks is not None \
+                and len(led.accepted) >= self.max_chunks
+            self.check(self.stop_posted or headless_end, "SHUTDOWN sent, yet no stop was asked and the headless run "
+                       "(then=shutdown) has not accepted its chunks")
+        if env.action is Action.INFER and self.max_chunks is not None:
+            self.check(len(led.accepted) < self.max_chunks, f"INFER sent after the headless run's {self.max_chunks} "
+                       "chunks")
+        if env.action is Action.INFER and env.chunk_index > 0:
+            prev = (env.cache_epoch, env.chunk_index - 1)
+            if self.engine is not None and self.engine.machine.overlap:
+                self.check(prev not in led.shown, f"overlap: chunk {prev} was shown before chunk {env.chunk_index} "
+                           "went out (send k+1, then decode k)")
+            elif self.engine is not None:
+                self.check(prev in led.shown, f"serial link: chunk {env.chunk_index} went out before chunk {prev} "
+                           "was shown")
         led.last_call_id = env.call_id
         led.sent += 1
-        led.sent_at[env.call_id] = self.job.now
+        led.sent_at[env.call_id] = now
         led.last_sent = env
+        if env.action is not Action.PING:  # the chunk machine's heartbeat clock starts after the PING
+            led.last_activity = now
         if self.engine is not None and self.engine.machine.state == "serving":
             want = max(FACTOR * p99(led.samples[-P99_SAMPLES:]), FLOOR)
             got = self.engine.machine.chunk.deadline_s()
@@ -453,11 +488,16 @@ class Cluster:
         led = self.ledger
         led.received += 1
         sent = led.last_sent
-        if sent is None or res.action is not Action.INFER:
+        if sent is None or sent.action is Action.PING:
             return
+        led.last_activity = self.job.now
         ids = (res.action, res.call_id, res.chunk_index, res.cache_epoch)
         if ids != (sent.action, sent.call_id, sent.chunk_index, sent.cache_epoch):
             return  # the front's tripwire fails it
+        if res.action is not Action.SHUTDOWN and res.cache_epoch != led.epoch:
+            led.stale += 1
+        if res.action is not Action.INFER:
+            return
         if res.ok and res.observed_generator_calls != sent.expected_generator_calls:
             return  # tripwire
         if res.ok:
