@@ -199,6 +199,16 @@ MUTATIONS: list[Mutation] = [
       "        if lc is not None and not lc.is_terminal:\n            pass", "a role's failure not passed to its lifecycle"),
     m(72, B, "        if self.is_terminal:\n            log.warning", "        if False:\n            log.warning",
       "a later cause overwrites the first"),
+    # -- rules added after the first score (the bugs the model found, and the farewell's guard) -------------------
+    m(73, F, "before_ready = self.ping and self.ready is None", "before_ready = False", "a farewell before READY"),
+    m(74, F, "        if due is None:  # nothing awaited: the send itself ran out\n",
+      "        if False:\n", "a send that ran out taken for a missed deadline"),
+    m(75, L, "        if self.state != IDLE:\n            return self.on_fatal(f\"a channel operation ran out",
+      "        if False:\n            return self.on_fatal(f\"a channel operation ran out", "a timed-out send ignored"),
+    m(76, W, "        if self.state == RUNNING:\n            return self._exit(", "        if False:\n            return self._exit(",
+      "a timed-out tensor receive ignored"),
+    m(77, LC, "        return self._exit(f\"a startup collective timed out during {self.state}\", \"remote\")",
+      "        return []", "a startup collective that ran out ignored"),
 ]
 
 
