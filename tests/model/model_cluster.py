@@ -319,8 +319,8 @@ class Cluster:
         """Drive the job to its end: to serving (or failure), then SIGTERM on the front, then until every rank
         has exited (first enabled step; the next timer when none). Checks the end."""
         self.run_until_serving(max_steps)
-        if self.front.alive and self.front.lifecycle.state == "serving":
-            self.signal(self.front.rank)
+        if self.front.alive and self.front.lifecycle.state == "serving" and not self.stop_posted:
+            self.signal(self.front.rank)  # (a stop already asked must end the run by itself: never lost)
         for _ in range(max_steps):
             if self.job.all_exited():
                 break
@@ -353,6 +353,10 @@ class Cluster:
         if isinstance(head, (AwaitResult, AwaitReady, Idle)):
             self.check(head.until is not None and math.isfinite(head.until),
                        f"the front waits ({type(head).__name__}) without a deadline")
+        e = self.engine
+        if p.alive and e is not None and e.machine.chunk.state in ("draining", "closing", "stopping") \
+                and not p.lifecycle.is_terminal:
+            self.check(p.lifecycle.state == "draining", f"the front drains, its lifecycle is {p.lifecycle.state}")
         led = self.ledger
         if isinstance(head, Idle) and led.last_activity is not None:
             self.check(head.until == led.last_activity + H, f"the front idles until {head.until:g}, H after its last "
