@@ -481,6 +481,9 @@ class Cluster:
         self.check(until is not None and math.isfinite(until), "the front waits for a result without a deadline")
         led, e = self.ledger, self.engine
         sent = led.last_sent
+        if sent is not None and sent.action is Action.PING and until is not None:
+            want_ping = led.sent_at[sent.call_id] + 4 * W
+            self.check(until == want_ping, f"the PING's answer awaited until {until:g}, its bound is 4 W: {want_ping:g}")
         if sent is None or sent.action is Action.PING or e is None or e.machine.state != "serving":
             return
         assert until is not None
