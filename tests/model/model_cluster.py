@@ -125,6 +125,7 @@ class Cluster:
         self.tempo = list(tempo)
         self.max_chunks, self.then = chunks, then
         self.stop_posted = False  # a stop or a drain was asked of the front
+        self.tampered = False
         self.job.transport.observers.append(self._observe)
         self.job.add_sink(self._on_shown)
 
@@ -241,6 +242,7 @@ class Cluster:
         t = self.job.transport
         assert t.pp is not None
         self._fault(f"envelope altered in transit {update}", timing=False)
+        self.tampered = True
         t.pp.tamper_next[t.leader] = lambda msg: msg.model_copy(update=update)
 
     # == time =======================================================================================
@@ -506,7 +508,9 @@ class Cluster:
         if res.action is not Action.INFER:
             return
         if res.ok and res.observed_generator_calls != sent.expected_generator_calls:
-            return  # tripwire
+            self.check(self.tampered, f"the leader answered ok with {res.observed_generator_calls} generator calls "
+                       f"for {sent.expected_generator_calls} expected: its tripwire must answer ok=False")
+            return  # the front's tripwire fails it
         if res.ok:
             led.samples.append(self.job.now - led.sent_at[res.call_id])
             if res.cache_epoch == led.epoch:
