@@ -121,6 +121,7 @@ class Cluster:
         self.kills = 0
         self.corrupt_chunks: set[int] = set()  # chunk indices the front's FaultPlan corrupts
         self.refusals: list[str] = []  # faults that make the front refuse its own envelope
+        self.invalid_calls: set[int] = set()  # call_ids of envelopes sent broken on purpose (never relayed)
         self.front_exit_at: float | None = None
         self.tempo = list(tempo)
         self.max_chunks, self.then = chunks, then
@@ -467,7 +468,9 @@ class Cluster:
         self.check(env.timesteps == TIMESTEPS, f"timesteps {env.timesteps}")
         calls = len(TIMESTEPS) + (1 if env.do_kv_recompute else 0)
         self.check(env.expected_generator_calls == calls or env.chunk_index in self.corrupt_chunks,
-              f"expected_generator_calls {env.expected_generator_calls} != {calls}")
+                   f"expected_generator_calls {env.expected_generator_calls} != {calls}")
+        if env.expected_generator_calls != calls:
+            self.invalid_calls.add(env.call_id)
         if env.do_kv_recompute:
             want = min(led.index * T, WINDOW)
             self.check(len(tensors) == 3 and int(tensors[2].shape[1]) == want,
@@ -548,6 +551,8 @@ class Cluster:
         led.shown.append((rec.cache_epoch, rec.chunk_index))
 
     def _on_tp_header(self, h: TPHeaderV1) -> None:
+        self.check(h.call_id not in self.invalid_calls or h.action is Action.WARMUP,
+                   f"the leader relayed the invalid envelope call_id={h.call_id} to the workers")
         if h.action is Action.WARMUP and h.do_kv_recompute:
             want = min(h.chunk_index * T, WINDOW)
             got = int(h.tensors[2].shape[1])
