@@ -378,6 +378,12 @@ class Cluster:
             workers = [p.code for p in self.mesh[1:]]
             self.check(all(c == 0 for c in workers), f"no rank was lost, yet worker exit codes {workers} (the front's "
                   f"farewell SHUTDOWN should end them)")
+        for p in self.procs:  # an exit its machines chose (not a kill, a signal, a drain's bound) matches the lifecycle
+            if p.reason == "killed" or p.reason.startswith("SIGTERM") or p.reason.startswith("drain did not"):
+                continue
+            want = "shutdown" if p.code == 0 else "failed"
+            self.check(p.lifecycle.state == want, f"rank {p.rank} exited {p.code}, its lifecycle is in "
+                       f"{p.lifecycle.state}")
         if self.engine is not None:
             st = self.engine.machine.chunk.stats
             self.check(st.emitted == len(led.accepted), f"the chunk machine accepted {st.emitted} chunks, the model "
