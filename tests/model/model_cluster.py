@@ -113,10 +113,12 @@ class Cluster:
         self.faults: list[str] = []  # every fault injected (the "no fault -> all exit 0" rule)
         self.timing: list[str] = []  # faults that may make a bounded wait run out
         self.trace: list[str] = []
-        for what, rank in (("config mismatch", bad_config_rank), ("load fails", load_fail_rank),
-                           ("fingerprint differs", bad_fingerprint_rank)):
+        self.startup_fault: str | None = None  # what every rank's failure must say when it is the only fault
+        for what, rank, says in (("config mismatch", bad_config_rank, "parity"), ("load fails", load_fail_rank, "load"),
+                                 ("fingerprint differs", bad_fingerprint_rank, "fingerprints differ")):
             if rank is not None:
                 self._fault(f"{what} on rank {rank}", timing=True)
+                self.startup_fault = says
         self.ledger = Ledger()
         self.kills = 0
         self.corrupt_chunks: set[int] = set()  # chunk indices the front's FaultPlan corrupts
@@ -378,6 +380,11 @@ class Cluster:
             workers = [p.code for p in self.mesh[1:]]
             self.check(all(c == 0 for c in workers), f"no rank was lost, yet worker exit codes {workers} (the front's "
                   f"farewell SHUTDOWN should end them)")
+        if self.startup_fault is not None and len(self.faults) == 1:
+            for p in self.procs:
+                f = p.lifecycle.failure
+                self.check(p.code != 0 and f is not None and self.startup_fault in f.reason,
+                           f"rank {p.rank} exited {p.code} ({f}), the startup fault says {self.startup_fault!r}")
         for p in self.procs:  # an exit its machines chose (not a kill, a signal, a drain's bound) matches the lifecycle
             if p.reason == "killed" or p.reason.startswith("SIGTERM") or p.reason.startswith("drain did not"):
                 continue
