@@ -114,6 +114,12 @@ class Cluster:
         self.timing: list[str] = []  # faults that may make a bounded wait run out
         self.trace: list[str] = []
         self.startup_fault: str | None = None  # what every rank's failure must say when it is the only fault
+        self.blamed: dict[int, str] = {}  # rank -> the kind its failure must have (a config or load fault)
+        for r in range(len(self.procs)):
+            if bad_config_rank is not None:  # parity compares with rank 0's config: local where it differs
+                self.blamed[r] = "local" if (r == bad_config_rank) != (bad_config_rank == 0) else "remote"
+            elif load_fail_rank is not None:
+                self.blamed[r] = "local" if r == load_fail_rank else "remote"
         for what, rank, says in (("config mismatch", bad_config_rank, "parity"), ("load fails", load_fail_rank, "load"),
                                  ("fingerprint differs", bad_fingerprint_rank, "fingerprints differ")):
             if rank is not None:
@@ -385,6 +391,10 @@ class Cluster:
                 f = p.lifecycle.failure
                 self.check(p.code != 0 and f is not None and self.startup_fault in f.reason,
                            f"rank {p.rank} exited {p.code} ({f}), the startup fault says {self.startup_fault!r}")
+                if p.rank in self.blamed:
+                    assert f is not None
+                    self.check(f.kind == self.blamed[p.rank], f"rank {p.rank} failed {f.kind}, should be "
+                               f"{self.blamed[p.rank]}: {f}")
         for p in self.procs:  # an exit its machines chose (not a kill, a signal, a drain's bound) matches the lifecycle
             if p.reason == "killed" or p.reason.startswith("SIGTERM") or p.reason.startswith("drain did not"):
                 continue
