@@ -172,8 +172,20 @@ class Cluster:
         if not p.alive:
             return "dead"
         state = p.lifecycle.state
+        draining_already = p.drain_deadline is not None
+        deadline_s = self.engine.machine.chunk.deadline_s() if p is self.front and self.engine is not None else FLOOR
         verdict = p.signal()
         self.trace.append(f"signal r{rank} in {state}: {verdict}")
+        # main.py's policy: drain in serving, ignore while draining or ended, fail before serving
+        want = "drain" if state == "serving" else "ignored" if state in ("draining", "shutdown", "failed") else "fail"
+        if want == "drain" and (draining_already or p.ctx.executor is None):
+            want = "ignored"
+        self.check(verdict == want, f"a signal to rank {rank} in {state} was {verdict}, the policy says {want}")
+        if verdict == "drain":  # its bound: the front, twice its deadline; a mesh rank, the front's with the floor
+            bound = 2 * deadline_s + 2 * H + 5 + (0 if p.rt.hosts_front else W)
+            assert p.drain_deadline is not None
+            self.check(abs(p.drain_deadline - self.job.now - bound) < 1e-6, f"drain bound "
+                       f"{p.drain_deadline - self.job.now:g} s, the policy says {bound:g} s")
         if verdict == "fail":
             self._fault(f"signal to rank {rank} during {state} (fails it)", timing=True)
         elif verdict == "drain" and p is self.front:
