@@ -710,11 +710,12 @@ class MemoryRank:
     def _build(self) -> LoadedPipeline:
         if self.load_error:
             raise RuntimeError(self.load_error)
-        loaded = LoadedPipeline(factory=MemoryFactory(), geometry=GEOMETRY, timesteps=TIMESTEPS)  # type: ignore[arg-type]
+        g = self.job.geometry
+        loaded = LoadedPipeline(factory=MemoryFactory(), geometry=g, timesteps=TIMESTEPS)  # type: ignore[arg-type]
         if self.rt.hosts_front:
-            loaded.stage0 = SmallStage0(GEOMETRY, CPU, torch.float32)
+            loaded.stage0 = SmallStage0(g, CPU, torch.float32)
         if self.rt.is_mesh_member:
-            self.generator = CountingGenerator(GEOMETRY, MemoryCommunicator(self.job.transport, self.rank))
+            self.generator = CountingGenerator(g, MemoryCommunicator(self.job.transport, self.rank))
             loaded.generator = self.generator
             loaded.fingerprint = self.fingerprint
         return loaded
@@ -872,11 +873,14 @@ class MemoryJob:
     fails), ``load_fail_rank`` (its load raises), ``bad_fingerprint_rank`` (a mesh rank whose shard
     fingerprint differs). ``front_faults``: ``PP1_FAULT`` faults of the front (message faults only:
     ``corrupt_envelope``, ``unserialisable``, ``bad_dtype``). ``config``: RunConfig fields;
-    ``options``: JobOptions fields (``chunks`` (None: serve until stopped), ``then``, ``ready_timeout_s``)."""
+    ``options``: JobOptions fields (``chunks`` (None: serve until stopped), ``then``, ``ready_timeout_s``);
+    ``window``: the attention window in latent frames (default: the stand-in's 6; 3 a chunk)."""
 
     def __init__(self, topology: str = "pp1", mesh_size: int = 2, *, bad_config_rank: int | None = None,
                  load_fail_rank: int | None = None, bad_fingerprint_rank: int | None = None,
-                 front_faults: Sequence[Fault] = (), options: dict[str, Any] | None = None, **config: Any) -> None:
+                 front_faults: Sequence[Fault] = (), options: dict[str, Any] | None = None,
+                 window: int | None = None, **config: Any) -> None:
+        self.geometry = GEOMETRY if window is None else GEOMETRY.model_copy(update={"max_context_frames": window})
         if topology == "pp1":
             front: int | None = 0
             mesh = tuple(range(1, 1 + mesh_size))

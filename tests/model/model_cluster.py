@@ -34,7 +34,6 @@ FACTOR = 4.0  # deadline factor
 # The spec's rules, written here on purpose (not imported): the model checks the machines against them.
 P99_SAMPLES = 200  # the rolling p99 of the result deadline covers the last 200 INFER round trips (pp1.md §5)
 T = GEOMETRY.latent_frames
-WINDOW = GEOMETRY.max_context_frames
 EPS = 1e-3
 EXIT_BOUND_S = 700.0  # every rank is gone this long after the front exited (generous: no unbounded wait)
 
@@ -92,17 +91,21 @@ class Cluster:
     front). Startup faults are chosen at construction: ``bad_config_rank`` (differs at parity),
     ``load_fail_rank`` (its load fails), ``bad_fingerprint_rank`` (a mesh rank's shard differs).
     ``chunks``/``then``: a headless front (None: serve until stopped). ``tempo``: compute seconds of the leader's
-    first serving calls (each below the deadline floor: not a fault), so that the deadline's p99 moves."""
+    first serving calls (each below the deadline floor: not a fault), so that the deadline's p99 moves.
+    ``window``: the attention window (latent frames; 3 a chunk): below a chunk, a re-encode recompute needs the
+    chunk not decoded yet (decode first)."""
 
     def __init__(self, topology: str, mesh_size: int, *, recompute_every: int = 1, warmup_chunks: int = 1,
                  context_source: str = "latents", chunks: int | None = None, then: str = "shutdown",
                  bad_config_rank: int | None = None, load_fail_rank: int | None = None,
-                 bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = ()) -> None:
+                 bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = (), window: int = 6) -> None:
         self.topology = topology
         self.K = recompute_every
+        self.window = window
+        self.source = context_source
         self.job = MemoryJob(topology, mesh_size, bad_config_rank=bad_config_rank, load_fail_rank=load_fail_rank,
                              bad_fingerprint_rank=bad_fingerprint_rank,
-                             options=dict(chunks=chunks, then=then),
+                             options=dict(chunks=chunks, then=then), window=window,
                              recompute_every=recompute_every, warmup_chunks=warmup_chunks,
                              context_source=context_source, heartbeat_s=H, watchdog_s=W, deadline_floor_s=FLOOR,
                              deadline_factor=FACTOR)
@@ -469,7 +472,13 @@ class Cluster:
                        "chunks")
         if env.action is Action.INFER and env.chunk_index > 0:
             prev = (env.cache_epoch, env.chunk_index - 1)
-            if self.engine is not None and self.engine.machine.overlap:
+            j = env.chunk_index
+            s0 = j * T - (min(j * T, self.window) if due(j, self.K) else 0)
+            first = self.source == "reencode" and due(j, self.K) and s0 > 0 and s0 >= (j - 1) * T
+            if self.engine is not None and self.engine.machine.overlap and first:
+                self.check(prev in led.shown, f"re-encode: chunk {j} recomputes from frame {s0}, in chunk {prev} "
+                           "not decoded: decode it first")
+            elif self.engine is not None and self.engine.machine.overlap:
                 self.check(prev not in led.shown, f"overlap: chunk {prev} was shown before chunk {env.chunk_index} "
                            "went out (send k+1, then decode k)")
             elif self.engine is not None:
@@ -507,15 +516,30 @@ class Cluster:
         if env.expected_generator_calls != calls:
             self.invalid_calls.add(env.call_id)
         if env.do_kv_recompute:
-            want = min(led.index * T, WINDOW)
+            want = min(led.index * T, self.window)
             self.check(len(tensors) == 3 and int(tensors[2].shape[1]) == want,
-                  f"recompute of chunk {led.index} carries {[tuple(x.shape) for x in tensors]}, want {want} frames")
+                       f"recompute of chunk {led.index} carries {[tuple(x.shape) for x in tensors]}, want {want} frames")
+            self._check_context(env, tensors[2])
         cond = led.conditioning.setdefault(env.cache_epoch, tensors[0])
         self.check(torch.equal(cond, tensors[0]), f"epoch {env.cache_epoch} changed its conditioning mid-epoch")
         if led.cut_after_call is not None and env.call_id > led.cut_after_call:
             self.check(env.cache_epoch > led.cut_from_epoch, f"a cut was posted while serving, yet INFER call_id="
                   f"{env.call_id} is still of epoch {env.cache_epoch}")
             led.cut_after_call = None
+
+    def _check_context(self, env: PPEnvelopeV1, ctx: torch.Tensor) -> None:
+        """The context frames are the epoch's latent frames [s, s + n) as generated (the fake generator's latents
+        of chunk j are noise(seed, j) / 2); with re-encode, frame s (when s > 0) is the VAE re-encode of its
+        decoded frame instead."""
+        n = int(ctx.shape[1])
+        s = env.chunk_index * T - n
+        chunks = [(STAGE0.make_noise(env.seed, j) * 0.5).float() for j in range(s // T, (s + n - 1) // T + 1)]
+        want = torch.cat(chunks, dim=1)[:, s - (s // T) * T: s - (s // T) * T + n]
+        reencoded = self.source == "reencode" and s > 0
+        same = [torch.equal(ctx[:, i], want[:, i]) for i in range(n)]
+        self.check(same[1:] == [True] * (n - 1) and same[0] != reencoded, f"the context of chunk {env.chunk_index} "
+                   f"(frames [{s}, {s + n})) is not the epoch's latents{' with frame s re-encoded' if reencoded else ''}"
+                   f": frames equal to the latents {same}")
 
     def _on_await(self, until: float | None) -> None:
         self.check(until is not None and math.isfinite(until), "the front waits for a result without a deadline")
@@ -589,7 +613,7 @@ class Cluster:
         self.check(h.call_id not in self.invalid_calls or h.action is Action.WARMUP,
                    f"the leader relayed the invalid envelope call_id={h.call_id} to the workers")
         if h.action is Action.WARMUP and h.do_kv_recompute:
-            want = min(h.chunk_index * T, WINDOW)
+            want = min(h.chunk_index * T, self.window)
             got = int(h.tensors[2].shape[1])
             self.check(got == want, f"warmup chunk {h.chunk_index} recomputes over {got} frames, the window allows {want}")
 

@@ -64,13 +64,15 @@ class ClusterModel(RuleBasedStateMachine):
                 source=st.sampled_from(["latents", "latents", "reencode"]),
                 headless=st.sampled_from([None] * 6 + [(0, "idle"), (2, "idle"), (3, "shutdown"), (1, "shutdown")]),
                 from_serving=st.sampled_from([True, True, False]), chunks=st.integers(0, 3),
-                tempo=st.sampled_from([(), (), (), (12.0, 0.0, 0.0, 0.0), (8.0, 25.0, 0.0, 0.0), (2.0, 12.0, 0.0)]))
+                tempo=st.sampled_from([(), (), (), (12.0, 0.0, 0.0, 0.0), (8.0, 25.0, 0.0, 0.0), (2.0, 12.0, 0.0)]),
+                window=st.sampled_from([6, 6, 2, 4]))
     @_tracked
     def start(self, data: st.DataObject, k: int, warmup: int, source: str, headless: tuple[int, str] | None,
-              from_serving: bool, chunks: int, tempo: tuple[float, ...]) -> None:
+              from_serving: bool, chunks: int, tempo: tuple[float, ...], window: int) -> None:
         """A fresh job; startup faults drawn here. Two runs in three start from serving (startup and
         ``chunks`` chunks done deterministically) so that most steps exercise serving. ``tempo``: the mesh's
-        first serving calls take that long (moves the deadline's p99)."""
+        first serving calls take that long (moves the deadline's p99); ``window``: the attention window (6: the
+        stand-in's; 2, below a chunk of 3: a re-encode recompute decodes the chunk in hand first)."""
         m = data.draw(st.sampled_from(self.MESH_SIZES), label="mesh_size")
         world = m + (1 if self.TOPOLOGY == "pp1" else 0)
         startup = data.draw(st.sampled_from([("none", 0)] * 30 + [(kind, r) for kind in ("config", "load")
@@ -79,7 +81,7 @@ class ClusterModel(RuleBasedStateMachine):
                              label="startup_fault")
         n, then = headless if headless is not None else (None, "shutdown")
         self.c = Cluster(self.TOPOLOGY, m, recompute_every=k, warmup_chunks=warmup, context_source=source,
-                         chunks=n, then=then, tempo=tempo,
+                         chunks=n, then=then, tempo=tempo, window=window,
                          bad_config_rank=startup[1] if startup[0] == "config" else None,
                          load_fail_rank=startup[1] if startup[0] == "load" else None,
                          bad_fingerprint_rank=startup[1] if startup[0] == "fingerprint" else None)
