@@ -462,14 +462,14 @@ class Cluster:
         if env.action is Action.NOOP and led.last_activity is not None and not self.timing:
             self.check(now == led.last_activity + H, f"heartbeat at t={now:g}, {now - led.last_activity:g} s after the "
                        f"front's last send or result (H={H:g})")
+        # a headless run counts chunks shown, plus the one received and not decoded yet if still current
+        kept = len(led.shown) + sum(1 for a in led.accepted if a[0] == led.epoch and a not in led.shown)
         if env.action is Action.SHUTDOWN and (self.engine is None or self.engine.machine.state != "failed"):
-            headless_end = self.then == "shutdown" and self.max_chunks is not None \
-                and len(led.accepted) >= self.max_chunks
+            headless_end = self.then == "shutdown" and self.max_chunks is not None and kept >= self.max_chunks
             self.check(self.stop_posted or headless_end, "SHUTDOWN sent, yet no stop was asked and the headless run "
                        "(then=shutdown) has not accepted its chunks")
         if env.action is Action.INFER and self.max_chunks is not None:
-            self.check(len(led.accepted) < self.max_chunks, f"INFER sent after the headless run's {self.max_chunks} "
-                       "chunks")
+            self.check(kept < self.max_chunks, f"INFER sent after the headless run's {self.max_chunks} chunks")
         if env.action is Action.INFER and env.chunk_index > 0:
             prev = (env.cache_epoch, env.chunk_index - 1)
             j = env.chunk_index

@@ -65,7 +65,7 @@ class ClusterModel(RuleBasedStateMachine):
                 headless=st.sampled_from([None] * 6 + [(0, "idle"), (2, "idle"), (3, "shutdown"), (1, "shutdown")]),
                 from_serving=st.sampled_from([True, True, False]), chunks=st.integers(0, 3),
                 tempo=st.sampled_from([(), (), (), (12.0, 0.0, 0.0, 0.0), (8.0, 25.0, 0.0, 0.0), (2.0, 12.0, 0.0)]),
-                window=st.sampled_from([6, 6, 2, 4]))
+                window=st.sampled_from([6, 6, 2, 3, 4]))
     @_tracked
     def start(self, data: st.DataObject, k: int, warmup: int, source: str, headless: tuple[int, str] | None,
               from_serving: bool, chunks: int, tempo: tuple[float, ...], window: int) -> None:
