@@ -99,6 +99,11 @@ class Cluster:
                  context_source: str = "latents", chunks: int | None = None, then: str = "shutdown",
                  bad_config_rank: int | None = None, load_fail_rank: int | None = None,
                  bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = (), window: int = 6) -> None:
+        world = mesh_size + (1 if topology == "pp1" else 0)
+        if world == 1:  # nothing to compare with: no fault
+            bad_config_rank = None
+        if mesh_size == 1:
+            bad_fingerprint_rank = None
         self.topology = topology
         self.K = recompute_every
         self.window = window
