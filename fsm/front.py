@@ -24,9 +24,9 @@ The rules of the loop, each decided here and nowhere else:
 - Requests (stop, hard cut) come from other threads through the adapter, only between steps
   (``on_stop_requested`` / ``on_cut_requested`` return nothing: they change state, and the next step
   sees it). A stop before serving is kept and applied once serving starts (never lost).
-- Failure: a deadline missed or a broken channel poisons it (no further send); otherwise a best-effort
-  farewell SHUTDOWN goes out under a short bound, then ``Exit(EXIT_FAILED)`` with the chunk machine's
-  cause. SHUTDOWN answered: ``Exit(EXIT_OK)``.
+- Failure: a deadline missed or a broken channel poisons it (no further send); otherwise, once READY came
+  (the leader is in its loop), a best-effort farewell SHUTDOWN goes out under a short bound, then
+  ``Exit(EXIT_FAILED)`` with the chunk machine's cause. SHUTDOWN answered: ``Exit(EXIT_OK)``.
 
 With a ``lifecycle``, the loop moves it: ``channels_warm`` (pair warm), ``warmup_done`` (READY),
 ``drain`` (a stop applied), ``drained`` (SHUTDOWN answered), and its failure with the same cause.
@@ -290,14 +290,23 @@ class FrontMachine(RoleMachine):
 
     # -- waits that ran out, broken channels ---------------------------------------------------------
     def on_timed_out(self, now: float) -> list[Intent]:
+        """A bounded wait ran out (the channel is poisoned): the PING, the pair's warm-up, READY, a result's
+        deadline, or a send the leader did not take within its bound."""
+        if self.is_terminal:  # the farewell SHUTDOWN's send ran out: its Exit follows
+            return []
         if self.state == PINGING:
             return self._fail(f"no answer to the PING within {self.warm_timeout_s:g} s", "remote", poisoned=True)
         if self.state == AWAITING_READY:
             return self._fail(f"no READY from the leader within {self.ready_timeout_s:g} s", "remote",
                               poisoned=True)
+        if self.state != SERVING:
+            return self._fail(f"the pair's warm-up did not complete within {self.warm_timeout_s:g} s", "remote",
+                              poisoned=True)
         due = self.chunk.deadline_at()
-        d = self.chunk.on_deadline_missed(max(now, due if due is not None else now))
-        return self._on_decision(d, now)
+        if due is None:  # nothing awaited: the send itself ran out
+            return self._on_decision(self.chunk.poison("the leader did not take the envelope within its bound"),
+                                     now)
+        return self._on_decision(self.chunk.on_deadline_missed(max(now, due)), now)
 
     def on_peer_gone(self, reason: str, peer: int | None = None) -> list[Intent]:
         if self.state != SERVING:
@@ -442,7 +451,8 @@ class FrontMachine(RoleMachine):
                             why="the mesh failed"))
         if not poisoned and not self.chunk.is_terminal:
             self.chunk.fail_with(reason, "local" if kind == "local" else "remote", blame)
-        farewell = None if poisoned else self.chunk.farewell_plan()
+        before_ready = self.ping and self.ready is None  # the leader is not in its loop yet: it takes no SHUTDOWN
+        farewell = None if poisoned or before_ready else self.chunk.farewell_plan()
         if farewell is not None:
             out.append(SendEnvelope(envelope_from_plan(farewell),
                                     timeout_s=min(FAREWELL_BOUND_S, 4 * self.chunk.heartbeat_s)))

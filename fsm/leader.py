@@ -442,9 +442,12 @@ class LeaderRelayMachine(MeshTripwires, RoleMachine):
         return [Exit(EXIT_FAILED, cause.reason)]
 
     def on_timed_out(self, now: float) -> list[Intent]:
-        """A bounded wait ran out: the front's PING never came, or the watchdog (no envelope for W)."""
+        """A bounded wait ran out: the front's PING never came, the watchdog (no envelope for W), or, in any
+        other state, a send or a receive of the call in hand (the channel is poisoned: fatal)."""
         if self.state == CHANNELS:
             return self.on_fatal(f"no PING from the front within {self.warm_timeout_s:g} s", "remote", self.front_rank)
+        if self.state != IDLE:
+            return self.on_fatal(f"a channel operation ran out of time in {self.state}", "remote")
         out = self.on_tick(now)
         return out or self._next()
 

@@ -255,8 +255,12 @@ class LifecycleMachine(ProtocolMachine):
         self.fire("barrier_done")
         return []  # the channels are the role machine's (it fires channels_warm)
 
-    def on_peer_gone(self, reason: str) -> list[Intent]:
-        return self._exit(f"a peer was lost during {self.state}: {reason}", "remote")
+    def on_peer_gone(self, reason: str, peer: int | None = None) -> list[Intent]:
+        return self._exit(f"a peer was lost during {self.state}: {reason}", "remote", peer)
+
+    def on_timed_out(self, now: float) -> list[Intent]:
+        """A startup collective outlived the process-group timeout (a peer is stalled)."""
+        return self._exit(f"a startup collective timed out during {self.state}", "remote")
 
     def on_local_error(self, reason: str) -> list[Intent]:
         """Creating the topology's groups failed (every rank has the same config: every rank fails alike)."""
@@ -265,9 +269,9 @@ class LifecycleMachine(ProtocolMachine):
     def on_drain(self, now: float) -> list[Intent]:
         return self._exit(f"stop requested during {self.state}", "local")
 
-    def _exit(self, reason: str, kind: str) -> list[Intent]:
+    def _exit(self, reason: str, kind: str, blame: int | None = None) -> list[Intent]:
         if not self.is_terminal:
-            self.fail_with(reason, "local" if kind == "local" else "remote")
+            self.fail_with(reason, "local" if kind == "local" else "remote", blame)
             log.error("%s", self.failure)
         return [Exit(EXIT_FAILED, str(self.failure or reason))]
 

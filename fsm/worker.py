@@ -144,9 +144,11 @@ class WorkerLoopMachine(MeshTripwires, RoleMachine):
         return []
 
     def on_timed_out(self, now: float) -> list[Intent]:
-        """The bounded wait for a header ran out."""
+        """The bounded wait for a header ran out (or, running, the wait for the call's tensors: fatal)."""
         if self.state == WARMING:
             return self._exit(EXIT_FAILED, f"no PING from the leader within {self.warm_timeout_s:g} s", "remote")
+        if self.state == RUNNING:
+            return self._exit(EXIT_FAILED, "the call's tensors did not arrive in time", "remote")
         out = self.on_tick(now)
         return out or (self._next() if self.state == WAITING else [])
 

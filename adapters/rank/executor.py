@@ -57,10 +57,16 @@ class Executor:
     def has_requests(self) -> bool:
         return not self._requests.empty()
 
+    @property
+    def woken(self) -> bool:
+        """A request was posted since the last wait ended (it may have been applied already)."""
+        return self._wake.is_set()
+
     def wait_for_request(self, until: float) -> None:
         """Block until ``until`` (the executor's clock) or until a request is posted."""
         if self._wait_hook is not None:
-            self._wait_hook(self, until)
+            self._wait_hook(self, until)  # returns at ``until`` or once ``woken``; a stepped test may raise WouldBlock
+            self._wake.clear()
             return
         left = until - self.clock()
         if left > 0 and self._requests.empty():

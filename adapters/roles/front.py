@@ -113,7 +113,7 @@ def _serve(ctx: RankContext, machine: FrontMachine, channel: FrontEnd, ready_at:
     engine.started_at = ctx.started_at
     ctx.engine = engine
     ctx.attach(engine)
-    watcher = _DrainWatcher(ctx, engine)
+    watcher = DrainWatcher(ctx, engine)
     try:
         outcome = engine.run_to_end()
     finally:
@@ -130,7 +130,7 @@ def _serve(ctx: RankContext, machine: FrontMachine, channel: FrontEnd, ready_at:
     return _exit_code(ctx, outcome, ready_at)
 
 
-class _DrainWatcher:
+class DrainWatcher:
     """A drain asked of any rank (SIGTERM to a mesh rank: published on the job's store) drains the whole
     job: the front reads the board every ``POLL_S`` and asks its engine to stop (SHUTDOWN goes through the
     mesh, every rank exits 0)."""

@@ -12,7 +12,7 @@ import torch
 from pp1.adapters.rank.executor import Executor
 from pp1.adapters.rank.faults import FaultPlan, perturb_weights
 from pp1.adapters.roles.shard import run_shard, warmup_tensors
-from pp1.adapters.transport.interface import MeshEnd
+from pp1.adapters.transport.interface import MeshEnd, WouldBlock
 from pp1.adapters.transport.runtime import PeerLost
 from pp1.fsm.base import Event, Intent, ProtocolMachine
 from pp1.fsm.events import InputsChecked, MeshWarm, ShardDone, ShardFailed, WeightsChecked
@@ -74,6 +74,8 @@ class MeshExecutor(Executor):
             self.check_point(f"shard:{h.chunk_index}")
         try:
             out, ms = run_shard(self.generator, h, self.tensors)
+        except WouldBlock:  # an in-memory mesh: the collective cannot complete yet (nothing consumed)
+            raise
         except Exception as exc:
             peer_lost = isinstance(exc, PeerLost)  # a collective failed: a mesh peer is gone
             (log.error if peer_lost else log.exception)("shard failed call_id=%d chunk_index=%d cache_epoch=%d: %s",

@@ -391,3 +391,38 @@ def test_last_call_id_of_the_startup_ping() -> None:
     r = serving(last_call_id=0)
     _assert_rejected(r, infer(0), "call_id_not_increasing")
     assert r.on_envelope(infer(1))[-1].header.call_id == 1
+
+
+@pytest.mark.parametrize("bad", [dict(call_id=5), dict(tensors=infer(1).tensors)])
+def test_the_ping_must_carry_its_id_and_no_tensors(bad: dict[str, Any]) -> None:
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warm_timeout_s=8.0)
+    r.start(0.0)
+    r.on_mesh_warm(1.0)
+    ping = PPEnvelopeV1.model_construct(**{**dict(control(Action.PING, 0)), **bad})
+    (ex,) = r.on_envelope(ping, now=2.0)
+    assert ex.code == EXIT_FAILED and "expected the front's PING" in ex.reason
+
+
+def test_warmup_tripwire_on_extra_calls_fails_the_leader() -> None:
+    r = LeaderRelayMachine(1, GEOMETRY, 2, timesteps=TIMESTEPS, warmup_chunks=2)
+    r.start_warmup()
+    (ex,) = r.on_shard_done(len(TIMESTEPS) + 1, 3, {})
+    assert isinstance(ex, Exit) and ex.code == EXIT_FAILED and "tripwire" in ex.reason
+
+
+@pytest.mark.parametrize("where", ["running", "replying"])
+def test_an_operation_that_runs_out_outside_idle_is_fatal(where: str) -> None:
+    """A send or a receive of the call in hand ran out (the channel is poisoned): never carry on."""
+    r = serving(watchdog_s=5.0, now=0.0)
+    r.on_envelope(infer(1), now=1.0)
+    if where == "replying":
+        r.on_shard_done(expected_calls(relay_tp(infer(1))), 3)
+    assert r.state == where
+    (ex,) = r.on_timed_out(2.0)
+    assert ex.code == EXIT_FAILED and r.state == "failed" and "ran out of time" in ex.reason
+
+
+def relay_tp(env: PPEnvelopeV1) -> Any:
+    from pp1.protocol.messages import relay_header
+
+    return relay_header(env)

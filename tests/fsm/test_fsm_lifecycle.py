@@ -128,3 +128,107 @@ def test_role_of() -> None:
     assert odd.role_of(2) == "leader"  # the leader is mesh_global_ranks[0], not rank 1
     with pytest.raises(ValueError):
         pp1.role_of(5)
+
+
+@pytest.mark.parametrize("role", sorted(NORMAL_RUNS))
+def test_signal_verdict_per_state(role: str) -> None:
+    """A signal drains from the channels' warm-up on (kept until serving), is ignored while draining or ended,
+    and fails the rank inside the startup collectives."""
+    events, _ = NORMAL_RUNS[role]
+    m = make_lifecycle(role, 1)
+    for e in events:
+        assert m.signal_verdict() == ("drain" if m.state in ("warming_channels", "warmup", "serving") else
+                                      "ignore" if m.state == "draining" else "fail"), m.state
+        m.fire(e)
+    assert m.signal_verdict() == "ignore"
+
+
+def test_drain_bounds() -> None:
+    from pp1.fsm.lifecycle import MESH_DRAIN_S, drain_bound_s
+
+    cfg = RunConfig(heartbeat_s=1.0, watchdog_s=5.0, deadline_floor_s=30.0)
+    assert drain_bound_s(cfg, hosts_front=True) == 2 * 30 + 2 * 1 + 5
+    assert drain_bound_s(cfg, hosts_front=True, deadline_s=40.0) == 2 * 40 + 2 * 1 + 5
+    assert drain_bound_s(cfg, hosts_front=False) == MESH_DRAIN_S + 1
+
+
+@pytest.mark.parametrize("role", ["front", "leader", "worker", "tp_rank0"])
+def test_a_peer_lost_in_startup_fails_the_rank_blaming_it(role: str) -> None:
+    """``PeerGone`` carries the peer when the channel knows it (the executor fills it in): the lifecycle takes
+    it in every startup state and blames that rank."""
+    from pp1.fsm.events import PeerGone
+
+    m = _startup(role, 1)
+    out = m.handle(PeerGone("connection closed", peer=2))
+    assert m.state == "failed" and m.failure is not None
+    assert m.failure.kind == "remote" and m.failure.blame == 2 and out and out[-1].code != 0
+
+
+def _startup(role: str = "worker", rank: int = 1) -> LifecycleMachine:
+    from pp1.fsm.intents import GatherConfigs, InitWorld
+
+    m = make_lifecycle(role, rank)
+    assert m.start({"k": 1}) == [InitWorld()]
+    assert m.on_world_ready() == [GatherConfigs({"k": 1})]
+    return m
+
+
+@pytest.mark.parametrize("mine,kind", [({"k": 2}, "local"), ({"k": 1}, "remote")])
+def test_parity_blames_the_rank_whose_config_differs(mine: dict[str, int], kind: str) -> None:
+    from pp1.fsm.intents import EXIT_FAILED, Exit
+
+    m = make_lifecycle("worker", 1)
+    m.start(mine)
+    m.on_world_ready()
+    configs = [{"k": 1}, mine] if kind == "local" else [{"k": 1}, {"k": 3}]
+    (ex,) = m.on_configs(configs)
+    assert isinstance(ex, Exit) and ex.code == EXIT_FAILED
+    assert m.failure is not None and m.failure.kind == kind and "parity" in m.failure.reason
+
+
+def test_intent_driven_startup_to_warming_channels() -> None:
+    from pp1.fsm.intents import Barrier, GatherFingerprints, InitGroups, Load, Vote
+
+    m = _startup()
+    assert m.on_configs([{"k": 1}, {"k": 1}]) == [InitGroups()]
+    assert m.on_groups_ready() == [Load()]
+    assert m.on_load_done(True, fingerprint="fp") == [Vote(1, None)]
+    assert m.on_vote_counted(1, []) == [GatherFingerprints("fp")]
+    assert m.on_fingerprints(["fp", "fp"]) == [Barrier(1)]
+    assert m.on_barrier(1) == [] and m.state == "warming_channels"
+
+
+def test_fingerprint_drift_fails_every_rank_at_the_barrier() -> None:
+    from pp1.fsm.intents import Barrier, Exit
+
+    m = _startup()
+    m.on_configs([{"k": 1}, {"k": 1}])
+    m.on_groups_ready()
+    m.on_load_done(True, fingerprint="fp")
+    m.on_vote_counted(1, [])
+    assert m.on_fingerprints(["fp", "other"]) == [Barrier(0)]
+    assert isinstance(m.on_barrier(0)[-1], Exit) and m.failure is not None and m.failure.kind == "local"
+    front = _startup("front", 0)
+    front.on_configs([{"k": 1}, {"k": 1}])
+    front.on_groups_ready()
+    front.on_load_done(True)
+    assert front.on_vote_counted(1, []) == [Barrier(1)]
+    assert isinstance(front.on_barrier(0)[-1], Exit) and front.failure is not None
+    assert front.failure.kind == "remote" and "fingerprints differ" in front.failure.reason
+
+
+def test_a_failed_load_votes_zero_and_names_the_cause() -> None:
+    from pp1.fsm.intents import Exit, Vote
+
+    m = _startup()
+    m.on_configs([{"k": 1}, {"k": 1}])
+    m.on_groups_ready()
+    assert m.on_load_done(False, reason="no weights") == [Vote(0, "no weights")]
+    (ex,) = m.on_vote_counted(0, [None, "no weights"])
+    assert isinstance(ex, Exit) and m.failure is not None and m.failure.kind == "local"
+
+
+def test_a_startup_collective_that_runs_out_fails_the_rank() -> None:
+    m = _startup()
+    (ex,) = m.on_timed_out(600.0)
+    assert ex.code == 1 and m.state == "failed" and "timed out" in m.failure.reason  # type: ignore[union-attr]

@@ -86,3 +86,13 @@ def test_terminal_states_take_no_event(cls: type[ProtocolMachine]) -> None:
             with pytest.raises(InvalidEvent):
                 m.fire(event)
             assert m.state == state
+
+
+def test_the_first_failure_cause_wins() -> None:
+    from fsm_roles_helpers import GEOMETRY
+
+    from pp1.fsm.worker import WorkerLoopMachine
+
+    w = WorkerLoopMachine(2, 5.0, 0.0, geometry=GEOMETRY)
+    first = w.fail_with("the first", "remote")
+    assert w.fail_with("a later one", "local") == first and w.failure == first and w.state == "failed"

@@ -201,3 +201,30 @@ def test_leader_and_workers_together() -> None:
     assert [r.call_id for r in results] == [0, 1, 2, 3]
     assert [e.code for e in exits] == [EXIT_OK] * 3
     assert leader.state == "exited" and all(w.state == "exited" for w in workers)
+
+
+def test_warmup_done_at_the_first_header_that_is_not_warmup() -> None:
+    """A heartbeat may come before the first chunk: the worker serves from it (its lifecycle too)."""
+    from pp1.fsm.lifecycle import make_lifecycle
+
+    lc = make_lifecycle("worker", 2)
+    for e in ["start", "parity_ok", "loaded", "vote_ok", "fingerprint_ok", "barrier_done", "channels_warm"]:
+        lc.fire(e)
+    w = worker(lifecycle=lc)
+    w.on_header(tp(Action.NOOP, 1), now=1.0)
+    assert w.serving and lc.state == "serving"
+
+
+def test_header_call_ids_must_increase() -> None:
+    w = worker()
+    w.on_header(tp(Action.NOOP, 3), now=1.0)
+    (ex,) = w.on_header(tp(Action.NOOP, 3), now=2.0)
+    assert ex.code == EXIT_FAILED and "call_id" in ex.reason
+
+
+def test_a_tensor_receive_that_runs_out_is_fatal() -> None:
+    """The header came, its tensors did not (within the bound): never run the shard on stale tensors."""
+    w = worker()
+    w.on_header(relay_header(infer(0)), now=1.0)
+    (ex,) = w.on_timed_out(7.0)
+    assert ex.code == EXIT_FAILED and w.state == "failed"

@@ -430,3 +430,34 @@ def test_every_state_event_pair_follows_the_table() -> None:
                 assert m.state == state
             else:
                 assert m.fire(event) == dest
+
+
+def test_the_deadline_p99_covers_the_last_200_round_trips() -> None:
+    """pp1.md §5: the rolling p99 of the last 200 INFER round trips (nearest rank: with 200 samples, the third
+    largest). Three slow round trips among 197 fast ones set the deadline; one more fast one pushes the first
+    slow one out of the window."""
+    m = machine(deadline_floor_s=1.0, deadline_factor=4.0)  # the default window
+    for i in range(3):
+        run_chunk(m, now=float(i), rtt=10.0)
+    for i in range(197):
+        run_chunk(m, now=100.0 + i, rtt=0.1)
+    assert m.deadline_s() == pytest.approx(40.0)
+    run_chunk(m, now=400.0, rtt=0.1)
+    assert m.deadline_s() == pytest.approx(1.0)  # 4 x 0.1 < floor
+
+
+def test_a_heartbeat_is_due_exactly_h_after_the_last_activity() -> None:
+    m = machine(heartbeat_s=1.0)
+    run_chunk(m, now=0.0, rtt=0.5)
+    assert not m.noop_due(1.49) and m.noop_due(1.5)
+
+
+def test_a_stale_result_while_draining_is_discarded_not_accepted() -> None:
+    m = machine()
+    plan = send(m, 0.0)
+    m.hard_cut("new prompt")
+    m.request_stop()
+    assert m.state == "draining"
+    d = m.on_result(answer(plan), 1.0)
+    assert d.verdict is Verdict.DISCARD_STALE and m.stats.emitted == 0 and m.stats.discarded_stale == 1
+    assert m.state == "closing" and m.position == 0

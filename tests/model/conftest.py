@@ -14,3 +14,8 @@ from model_profiles import PROFILES  # noqa: E402
 
 for _name, _profile in PROFILES.items():
     settings.register_profile(f"pp1-model-{_name}", _profile)
+
+import logging  # noqa: E402
+
+# The lifecycle and front machines define ``start`` themselves; transitions warns once per machine built.
+logging.getLogger("transitions").setLevel(logging.ERROR)

@@ -1,55 +1,44 @@
-"""An in-memory cluster of every rank's real protocol machines, for the model test.
+"""The model's view of a whole job: every rank's REAL machines and executors over the in-memory transport
+(``pp1.testing.memory.MemoryJob``), plus what the model expects of them (the ledger) and checks.
 
-One object per rank (``Proc``) holds that rank's lifecycle machine and, once it serves, its role
-machines: the front's ``ChunkMachine``, the leader's ``LeaderRelayMachine``, a worker's ``WorkerLoopMachine``
-(pure TP: rank 0 holds the lifecycle ``tp_rank0``, the relay and the chunk machine). The transport
-is per-channel FIFO queues, like the real PP pair and TP channels. Collectives (parity, vote,
-fingerprint, barrier, warm channels) complete when every participant has joined, and fail on the
-waiting ranks when a participant is gone (gloo: "connection closed by peer"). The generator's
-all-reduces are one step (``mesh compute``) that needs every mesh rank to run the same call.
+The model does not interpret the machines: it steps ranks' executors (any enabled rank, in any order),
+moves the virtual clock, injects faults between steps, and watches what crosses the transport (envelopes,
+results, waits, exits), what the front shows and the chunk machine's transitions. Checks that fail raise
+:class:`ModelViolation` (inside the step that broke the rule, or at the end).
 
-Time is virtual (``now``); nothing ever sleeps. ``enabled()`` lists every atomic step that could
-happen next (a delivery, a timer that fired, a rank's next move); the model test picks any of them,
-in any order, and injects faults between steps. Every step checks its invariants as it goes
-(``ModelViolation``); ``settle()`` drives the cluster to its end and checks the end state.
+Time (the fairness rule): computing and delivering take no virtual time. The clock moves only when no rank
+can move, and then at most to the next timer (a bound, a heartbeat, a stall's end, a drain's bound). So a
+bounded wait runs out only when something went wrong: a missed deadline (or watchdog) is a violation unless
+a fault that can cause it was injected (a rank killed, stalled, failed by a signal or its generator, a
+frame lost). Slowness is a fault: a stalled rank does not move for a while (its peers' time passes).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pp1.fsm.chunk import ChunkMachine, ChunkPlan, Decision, Verdict, envelope_from_plan, recompute_due
-from pp1.fsm.intents import Exit, Intent, RecvTensors, RunShard, SendReady, SendResult, SendTP
-from pp1.fsm.leader import LeaderRelayMachine, expected_calls
-from pp1.fsm.lifecycle import LifecycleMachine, make_lifecycle, role_of
-from pp1.fsm.worker import WorkerLoopMachine
-from pp1.protocol.config import RunConfig, parity_report
-from pp1.protocol.geometry import ChunkGeometry
-from pp1.protocol.messages import (
-    T_CONDITIONING,
-    T_CONTEXT,
-    T_NOISE,
-    Action,
-    PPEnvelopeV1,
-    PPResultV1,
-    ReadyV1,
-    TPHeaderV1,
-)
-from pp1.protocol.tensors import TensorSpec
+import torch
 
-GEOMETRY = ChunkGeometry(latent_channels=2, latent_frames=2, latent_height=2, latent_width=2, text_len=2,
-                         text_dim=4, max_context_frames=4)
-TIMESTEPS = (1000, 750, 500, 250)
+from pp1.adapters.rank.faults import Fault
+from pp1.fsm.intents import AwaitReady, AwaitResult, Idle
+from pp1.fsm.lifecycle import MESH_DRAIN_S
+from pp1.protocol.messages import Action, PPEnvelopeV1, PPResultV1, TPHeaderV1
+from pp1.testing.memory import GEOMETRY, TIMESTEPS, MemoryJob
+from pp1.testing.standin import StandinStage0
+
 H = 1.0  # heartbeat
 W = 5.0  # watchdog (> 3 H)
 FLOOR = 30.0  # result deadline floor
+FACTOR = 4.0  # deadline factor
+# The spec's rules, written here on purpose (not imported): the model checks the machines against them.
+P99_SAMPLES = 200  # the rolling p99 of the result deadline covers the last 200 INFER round trips (pp1.md §5)
+T = GEOMETRY.latent_frames
+EPS = 1e-3
+EXIT_BOUND_S = 700.0  # every rank is gone this long after the front exited (generous: no unbounded wait)
 
-# collective -> who takes part ("world" or "mesh"), in lifecycle order
-COLLECTIVES = {"parity": "world", "vote": "world", "fingerprint": "mesh", "barrier": "world", "warm": "world"}
+STAGE0 = StandinStage0(GEOMETRY, torch.device("cpu"), torch.float32)  # to encode prompt changes off the engine
 
 
 class ModelViolation(AssertionError):
@@ -61,637 +50,583 @@ def check(cond: bool, what: str) -> None:
         raise ModelViolation(what)
 
 
-@dataclass(frozen=True)
-class Garbage:
-    """An undecodable frame on the PP channel (a corrupt envelope the codec cannot parse)."""
-
-    call_id: int
-
-
-@dataclass
-class Proc:
-    rank: int
-    role: str  # front | leader | worker | tp_rank0
-    life: LifecycleMachine
-    config: dict[str, Any]
-    alive: bool = True
-    exit_code: int | None = None
-    collective: str | None = None  # the collective this rank is blocked in
-    vote: int = 1
-    relay: LeaderRelayMachine | None = None
-    worker: WorkerLoopMachine | None = None
-    chunk: ChunkMachine | None = None
-    shard: TPHeaderV1 | None = None  # the call its shard runs, waiting for the mesh's collectives
+def p99(samples: list[float]) -> float:
+    """Nearest-rank 99th percentile (0 for none)."""
+    if not samples:
+        return 0.0
+    s = sorted(samples)
+    return s[max(0, math.ceil(0.99 * len(s)) - 1)]
 
 
-Step = tuple[str, Callable[[], None]]
+def due(chunk_index: int, every: int) -> bool:
+    return every > 0 and chunk_index > 0 and chunk_index % every == 0
 
 
 @dataclass
 class Ledger:
     """What the model expects, kept apart from the machines so it can check them."""
 
-    epoch: int = 0  # hard cuts + retries so far
+    epoch: int = 0  # hard cuts + retries applied so far
     index: int = 0  # chunk_index of the epoch's next chunk
     last_call_id: int = -1
-    sent: list[tuple[int, str]] = field(default_factory=list)  # (call_id, action) the front sent
-    answered: int = 0
-    emitted: list[tuple[int, int]] = field(default_factory=list)  # (epoch, chunk_index)
+    sent: int = 0  # envelopes the front sent
+    received: int = 0  # results the front received
+    sent_at: dict[int, float] = field(default_factory=dict)
+    last_sent: PPEnvelopeV1 | None = None
+    samples: list[float] = field(default_factory=list)  # INFER round trips (the deadline's p99)
+    accepted: list[tuple[int, int]] = field(default_factory=list)  # (epoch, chunk_index)
+    shown: list[tuple[int, int]] = field(default_factory=list)
     recomputes: int = 0
     retries: int = 0
-    failures_in_a_row: int = 0  # failed results (ok=False) since the last emitted chunk
+    failures_in_a_row: int = 0
+    conditioning: dict[int, torch.Tensor] = field(default_factory=dict)  # epoch -> its conditioning
+    cut_after_call: int | None = None  # a cut was posted: every INFER planned after this call_id is of a new epoch
+    cut_from_epoch: int = 0
     farewell: bool = False
+    stale: int = 0  # results of an older epoch received (discarded)
+    last_activity: float | None = None  # the front's last send or result
 
 
 class Cluster:
-    """``topology``: "pp1" (front rank 0 + mesh ranks 1..M) or "tp" (mesh ranks 0..M-1, rank 0 is
-    leader + front). Startup faults are chosen at construction: ``bad_config_rank`` (differs at
-    parity), ``load_fail_rank`` (its load fails)."""
+    """``topology``: "pp1" (front rank 0 + mesh ranks 1..M) or "tp" (mesh ranks 0..M-1, rank 0 is leader and
+    front). Startup faults are chosen at construction: ``bad_config_rank`` (differs at parity),
+    ``load_fail_rank`` (its load fails), ``bad_fingerprint_rank`` (a mesh rank's shard differs).
+    ``chunks``/``then``: a headless front (None: serve until stopped). ``tempo``: compute seconds of the leader's
+    first serving calls (each below the deadline floor: not a fault), so that the deadline's p99 moves.
+    ``window``: the attention window (latent frames; 3 a chunk): below a chunk, a re-encode recompute needs the
+    chunk not decoded yet (decode first)."""
 
     def __init__(self, topology: str, mesh_size: int, *, recompute_every: int = 1, warmup_chunks: int = 1,
-                 bad_config_rank: int | None = None, load_fail_rank: int | None = None) -> None:
+                 context_source: str = "latents", chunks: int | None = None, then: str = "shutdown",
+                 bad_config_rank: int | None = None, load_fail_rank: int | None = None,
+                 bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = (), window: int = 6) -> None:
+        world = mesh_size + (1 if topology == "pp1" else 0)
+        if world == 1:  # nothing to compare with: no fault
+            bad_config_rank = None
+        if mesh_size == 1:
+            bad_fingerprint_rank = None
         self.topology = topology
-        self.now = 0.0
-        if topology == "pp1":
-            front_rank: int | None = 0
-            mesh = tuple(range(1, 1 + mesh_size))
-        else:
-            front_rank, mesh = None, tuple(range(mesh_size))
-        world = len(mesh) + (1 if front_rank is not None else 0)
-        self.cfg = RunConfig(topology=topology, world_size=world, mesh_global_ranks=mesh,  # type: ignore[arg-type]
+        self.K = recompute_every
+        self.window = window
+        self.source = context_source
+        self.job = MemoryJob(topology, mesh_size, bad_config_rank=bad_config_rank, load_fail_rank=load_fail_rank,
+                             bad_fingerprint_rank=bad_fingerprint_rank,
+                             options=dict(chunks=chunks, then=then), window=window,
                              recompute_every=recompute_every, warmup_chunks=warmup_chunks,
-                             heartbeat_s=H, watchdog_s=W, deadline_floor_s=FLOOR)
-        base = self.cfg.model_dump(mode="json")
-        self.base_config = base
-        self.procs: list[Proc] = []
-        for r in range(world):
-            cfg = dict(base)
-            if r == bad_config_rank:
-                cfg["dtype"] = "bfloat16"
-            self.procs.append(Proc(r, role_of(r, mesh, front_rank), make_lifecycle(role_of(r, mesh, front_rank), r),
-                                   cfg))
-        self.front = self.procs[0]  # the front, or tp_rank0
-        self.leader = self.procs[mesh[0]]
-        self.mesh = [self.procs[r] for r in mesh]
-        self.workers = self.mesh[1:]
-        self.participants = {name: [p.rank for p in (self.procs if who == "world" else self.mesh)]
-                             for name, who in COLLECTIVES.items()}
-        self.load_fail_rank = load_fail_rank
-        self.q: dict[str, deque[Any]] = {"pp_down": deque(), "pp_up": deque()}
-        for w in self.workers:
-            self.q[f"tp{w.rank}"] = deque()
-        self.streaming = True
-        self.faults: list[str] = []
-        if bad_config_rank is not None:
-            self.faults.append(f"config mismatch on rank {bad_config_rank}")
-        if load_fail_rank is not None:
-            self.faults.append(f"load fails on rank {load_fail_rank}")
-        self.corrupt_next: str | None = None  # "invalid" | "ids" | "garbage": the next envelope the front sends
-        self.chunk_fault: str | None = None  # "recoverable" | "tripwire": the next INFER the mesh runs
-        self.ledger = Ledger()
+                             context_source=context_source, heartbeat_s=H, watchdog_s=W, deadline_floor_s=FLOOR,
+                             deadline_factor=FACTOR)
+        self.procs = self.job.ranks
+        self.front = self.job.front
+        self.leader = self.job.leader
+        self.mesh = self.job.mesh
+        self.faults: list[str] = []  # every fault injected (the "no fault -> all exit 0" rule)
+        self.timing: list[str] = []  # faults that may make a bounded wait run out
         self.trace: list[str] = []
+        self.startup_fault: str | None = None  # what every rank's failure must say when it is the only fault
+        self.blamed: dict[int, str] = {}  # rank -> the kind its failure must have (a config or load fault)
+        for r in range(len(self.procs)):
+            if bad_config_rank is not None:  # parity compares with rank 0's config: local where it differs
+                self.blamed[r] = "local" if (r == bad_config_rank) != (bad_config_rank == 0) else "remote"
+            elif load_fail_rank is not None:
+                self.blamed[r] = "local" if r == load_fail_rank else "remote"
+        for what, rank, says in (("config mismatch", bad_config_rank, "parity"), ("load fails", load_fail_rank, "load"),
+                                 ("fingerprint differs", bad_fingerprint_rank, "fingerprints differ")):
+            if rank is not None:
+                self._fault(f"{what} on rank {rank}", timing=True)
+                self.startup_fault = says
+        self.ledger = Ledger()
+        self.kills = 0
+        self.corrupt_chunks: set[int] = set()  # chunk indices the front's FaultPlan corrupts
+        self.refusals: list[str] = []  # faults that make the front refuse its own envelope
+        self.invalid_calls: set[int] = set()  # call_ids of envelopes sent broken on purpose (never relayed)
+        self.front_exit_at: float | None = None
+        self.tempo = list(tempo)
+        self.slow_calls = any(x > MESH_DRAIN_S for x in tempo)  # some generator call outlasts a mesh rank's drain
+        self.max_chunks, self.then = chunks, then
+        self.stop_posted = False  # a stop or a drain was asked of the front
+        self.tampered = False
+        self.job.transport.observers.append(self._observe)
+        self.job.add_sink(self._on_shown)
 
-    # == faults (the model test's rules) ============================================================
+    # == faults and requests (the model test's rules) ==============================================
+    def _fault(self, what: str, timing: bool) -> None:
+        self.faults.append(what)
+        if timing:
+            self.timing.append(what)
+        self.trace.append(f"FAULT {what}")
+
+    @property
+    def engine(self) -> Any:
+        return self.front.engine
+
+    def serving(self) -> bool:
+        """The front's loop serves (its chunk machine plans chunks)."""
+        e = self.engine
+        return self.front.alive and e is not None and e.machine.state == "serving"
+
     def kill(self, rank: int) -> None:
         p = self.procs[rank]
         if p.alive:
-            self.faults.append(f"kill rank {rank} in {p.life.state}")
-            self._exit(p, -9)
+            self._fault(f"kill rank {rank} in {p.lifecycle.state}", timing=True)
+            self.job.kill(rank)
 
-    def sigterm(self) -> None:
-        """SIGTERM / Ctrl-C on the front (tp: rank 0), in whatever state it is."""
-        p = self.front
+    def stall(self, rank: int, seconds: float) -> None:
+        p = self.procs[rank]
+        if p.alive:
+            self._fault(f"stall rank {rank} for {seconds:g} s in {p.lifecycle.state}", timing=True)
+            self.job.stall(rank, seconds)
+
+    def signal(self, rank: int) -> str:
+        """SIGTERM on one rank (mirrors ``main.on_signal``)."""
+        p = self.procs[rank]
         if not p.alive:
-            return
-        self.trace.append(f"sigterm front in {p.life.state}")
-        if p.life.state == "serving":
-            p.life.fire("drain")
-        if p.life.state == "draining":
-            assert p.chunk is not None
-            if not p.chunk.is_terminal:
-                p.chunk.request_stop()
-            return
-        self.faults.append(f"sigterm during startup ({p.life.state})")
-        self._fail(p, f"SIGTERM during {p.life.state}", "local")
+            return "dead"
+        state = p.lifecycle.state
+        draining_already = p.drain_deadline is not None
+        deadline_s = self.engine.machine.chunk.deadline_s() if p is self.front and self.engine is not None else FLOOR
+        verdict = p.signal()
+        self.trace.append(f"signal r{rank} in {state}: {verdict}")
+        # main.py's policy: drain from the channels' warm-up on (kept until serving), ignore while draining or
+        # ended, fail inside the startup collectives
+        want = ("drain" if state in ("warming_channels", "warmup", "serving")
+                else "ignored" if state in ("draining", "shutdown", "failed") else "fail")
+        if want == "drain" and draining_already:
+            want = "ignored"
+        self.check(verdict == want, f"a signal to rank {rank} in {state} was {verdict}, the policy says {want}")
+        if verdict == "drain":  # its bound: the front, twice its deadline; a mesh rank, MESH_DRAIN_S and a heartbeat
+            bound = 2 * deadline_s + 2 * H + 5 if p.rt.hosts_front else MESH_DRAIN_S + H
+            assert p.drain_deadline is not None
+            self.check(abs(p.drain_deadline - self.job.now - bound) < 1e-6, f"drain bound "
+                       f"{p.drain_deadline - self.job.now:g} s, the policy says {bound:g} s")
+        if verdict == "fail":
+            self._fault(f"signal to rank {rank} during {state} (fails it)", timing=True)
+        elif verdict == "drain":  # a mesh rank's drain reaches the front through the job's store (its watcher)
+            self.stop_posted = True
+            if self.slow_calls:  # its bound (MESH_DRAIN_S + H) is shorter than a call in hand: a timing fault
+                self._fault(f"signal to mesh rank {rank} with calls slower than its drain bound", timing=True)
+        return verdict
+
+    def stop(self) -> None:
+        """The server's shutdown (``engine.request_stop``): not a fault."""
+        if self.engine is not None and self.front.alive:
+            self.trace.append("stop requested")
+            self.stop_posted = True
+            self.engine.request_stop()
+
+    def _note_cut(self) -> None:
+        c = self.engine.machine.chunk
+        if self.serving() and c.can_fire("cut"):
+            out = c.outstanding
+            if self.ledger.cut_after_call is None:
+                self.ledger.cut_after_call = out.call_id if out is not None else self.ledger.last_call_id
+                self.ledger.cut_from_epoch = self.ledger.epoch
 
     def hard_cut(self) -> None:
-        c = self.front.chunk
-        if self.front.alive and c is not None and c.can_fire("cut"):
-            c.hard_cut("prompt reset (model)")
-            self.ledger.epoch += 1
-            self.ledger.index = 0
+        if self.engine is not None and self.front.alive:
+            self._note_cut()
+            self.trace.append("cut posted")
+            self.engine.request_cut("prompt reset (model)")
 
+    def prompt(self, text: str) -> None:
+        if self.engine is not None and self.front.alive:
+            self._note_cut()
+            self.trace.append(f"prompt {text!r} posted")
+            self.engine.request_prompt(text, conditioning=STAGE0.encode_prompt(text))
+
+    def corrupt(self, kind: str) -> None:
+        """A ``PP1_FAULT`` message fault of the front on its next chunk (``corrupt_envelope``,
+        ``unserialisable``, ``bad_dtype``)."""
+        c = self.engine.machine.chunk if self.engine is not None else None
+        k = c.position if c is not None else 0
+        self.corrupt_chunks.add(k)
+        if kind != "corrupt_envelope":
+            self.refusals.append(kind)
+        self._fault(f"{kind} on chunk {k}", timing=False)
+        self.front.ctx.faults.faults.append(Fault(rank=self.front.rank, at=f"chunk:{k}", do=kind))
+
+    def garble(self, rank: int) -> None:
+        """The next frame to ``rank`` does not decode (its channel is poisoned: it fails)."""
+        if self.procs[rank].alive:
+            self._fault(f"garbled frame to rank {rank}", timing=True)
+            self.job.garble_next_frame(rank)
+
+    def generator_fault(self, rank: int, kind: str) -> None:
+        """The next call of ``rank``'s generator raises ("raise") or miscounts its calls ("tripwire", or
+        "tripwire_twice": the next two calls)."""
+        p = self.procs[rank]
+        g = p.generator
+        if p.alive and g is not None:  # a tripwire in warmup fails the rank: timing then
+            self._fault(f"generator {kind} on rank {rank}",
+                        timing=kind == "raise" or p.lifecycle.state != "serving")
+            g.fault = kind
+
+    def slow(self, rank: int, seconds: float) -> None:
+        """The next call of ``rank``'s generator computes for ``seconds`` (less than the deadline floor: not a
+        fault; round trips that long move the deadline's p99)."""
+        p = self.procs[rank]
+        if p.alive and p.generator is not None:
+            self.trace.append(f"slow r{rank} {seconds:g} s")
+            p.generator.slow_s = seconds
+
+    def tamper_next_envelope(self, **update: Any) -> None:
+        """The front's next envelope is altered in transit (fields ``update``), undetectably to the codec."""
+        t = self.job.transport
+        assert t.pp is not None
+        self._fault(f"envelope altered in transit {update}", timing=False)
+        self.tampered = True
+        t.pp.tamper_next[t.leader] = lambda msg: msg.model_copy(update=update)
+
+    # == time =======================================================================================
     def tick(self, dt: float) -> None:
-        """Time passes. Jumping past a deadline or a watchdog before the ranks could act is a stall
-        (a fault: a rank that did not get the CPU in time)."""
-        self.now += dt
-        if any(t <= self.now for t in self.failure_timers()):
-            self.faults.append(f"stall: t={self.now} passed a deadline or a watchdog")
-
-    # == the steps ==================================================================================
-    def enabled(self) -> list[Step]:
-        out: list[Step] = []
-        for p in self.procs:
-            if p.alive:
-                self._steps_of(p, out)
-        lead = self.leader
-        if lead.alive and lead.shard is not None and all(w.alive and w.shard is not None for w in self.workers):
-            out.append(("mesh compute", self._mesh_compute))
-        return out
-
-    def failure_timers(self) -> list[float]:
-        """Deadlines and watchdogs: when they pass, a rank fails."""
-        out: list[float] = []
-        c = self.front.chunk
-        if self.front.alive and c is not None and c.deadline_at() is not None:
-            out.append(c.deadline_at())  # type: ignore[arg-type]
-        for p in self.mesh:
-            for m in (p.relay, p.worker):
-                if p.alive and m is not None and math.isfinite(m.watchdog_deadline()):
-                    out.append(m.watchdog_deadline())
-        return out
-
-    def timers(self) -> list[float]:
-        """When something will happen by itself (deadlines, watchdogs, heartbeats)."""
-        out: list[float] = []
-        f = self.front
-        if f.alive and f.chunk is not None:
-            at = f.chunk.deadline_at()
-            if at is not None:
-                out.append(at)
-            if f.chunk.state == "idle":
-                out.append((f.chunk.last_activity or self.now) + H)
-        for p in self.mesh:
-            if p.alive and p.relay is not None and math.isfinite(p.relay.watchdog_deadline()):
-                out.append(p.relay.watchdog_deadline())
-            if p.alive and p.worker is not None and math.isfinite(p.worker.watchdog_deadline()):
-                out.append(p.worker.watchdog_deadline())
-        return out
-
-    def all_terminal(self) -> bool:
-        return not any(p.alive for p in self.procs)
-
-    def step(self, choice: int) -> str | None:
-        steps = self.enabled()
-        if not steps:
-            return None
-        name, fn = steps[choice % len(steps)]
-        self.trace.append(name)
-        fn()
-        return name
-
-    def do(self, name: str) -> None:
-        """Take the enabled step called ``name`` (for scripted scenarios); error when it is not enabled."""
-        for label, fn in self.enabled():
-            if label == name:
-                self.trace.append(label)
-                fn()
-                return
-        raise ModelViolation(f"step {name!r} is not enabled: {[n for n, _ in self.enabled()]}")
-
-    def check_progress(self) -> None:
-        """No reachable deadlock: some rank can move, a timer will fire, or every rank is done."""
-        if self.all_terminal() or self.enabled():
+        """Time passes, by the fairness rule (module docstring): only when no rank can move, and at most to the
+        next timer."""
+        if self.job.enabled():
             return
-        check(bool(self.timers()), f"deadlock: nothing can move and no timer is armed: {self.describe()}")
+        timers = self.job.timers()
+        target = self.job.now + dt
+        if timers:
+            target = min(target, min(timers))
+        self.job.advance_to(target)
 
-    def check_front_deadline(self) -> None:
-        """The front never waits for a result without a deadline."""
-        c = self.front.chunk
-        if self.front.alive and c is not None and c.waiting:
-            at = c.deadline_at()
-            check(at is not None and math.isfinite(at), f"front waits without a deadline in {c.state}")
+    def jump(self) -> bool:
+        """Nothing can move: to the next timer. False when there is none."""
+        timers = [x for x in self.job.timers() if x > self.job.now] or self.job.timers()
+        if not timers:
+            return False
+        self.job.advance_to(min(timers))
+        return True
 
-    def run_until_serving(self, max_steps: int = 4000) -> None:
-        """Take the first enabled step (jumping to the next timer when none) until the front serves,
-        or has exited."""
-        for _ in range(max_steps):
-            if self.all_terminal() or not self.front.alive or self.front.life.state in ("serving", "draining"):
+    # == steps ======================================================================================
+    def enabled(self) -> list[int]:
+        return self.job.enabled()
+
+    def step(self, choice: int) -> int | None:
+        """Step one enabled rank (``choice`` modulo their number); None when none is enabled."""
+        ranks = self.enabled()
+        if not ranks:
+            return None
+        r = ranks[choice % len(ranks)]
+        self.step_rank(r)
+        return r
+
+    def step_rank(self, r: int) -> bool:
+        p = self.procs[r]
+        head = p.head()
+        moved = self.job.step(r)
+        if self.tempo and self.serving() and self.leader.generator is not None:
+            self.leader.generator.tempo.extend(self.tempo)
+            self.tempo = []
+        if moved:
+            self.trace.append(f"{self.job.now:g} r{r} {type(head).__name__ if head else '-'}")
+        self.check_front_deadline()
+        return moved
+
+    def pump(self, ranks: list[int] | None = None, until: Any = None, max_steps: int = 5000) -> None:
+        """Step the given ranks (default: all) round-robin, jumping time when none can move, until ``until()``
+        holds (a ModelViolation when it never can), or, without ``until``, nothing can happen."""
+        for i in range(max_steps):
+            if until is not None and until():
                 return
-            self.check_progress()
-            if not self.step(0):
-                self.now = max(self.now, min(self.timers()))
-        raise ModelViolation(f"startup did not end after {max_steps} steps: {self.describe()}")
+            live = [r for r in self.enabled() if ranks is None or r in ranks]
+            if live:
+                self.step_rank(live[i % len(live)])
+                continue
+            if self.job.all_exited() or not self.jump():
+                if until is None or until():
+                    return
+                raise ModelViolation(f"pump: nothing more can happen and the condition does not hold: "
+                                     f"{self.describe()}")
+        raise ModelViolation(f"pump did not end after {max_steps} steps: {self.describe()}")
 
-    def run_chunks(self, n: int, max_steps: int = 4000) -> None:
-        """Stream until ``n`` more chunks were emitted (first enabled step), or the front stops serving."""
-        want = len(self.ledger.emitted) + n
-        for _ in range(max_steps):
-            if len(self.ledger.emitted) >= want or not self.front.alive or self.front.life.state != "serving":
-                return
-            if not self.step(0):
-                return
+    def run_until_serving(self, max_steps: int = 5000) -> None:
+        """The first enabled step (the next timer when none) until the front serves or has exited."""
+        self.pump(until=lambda: not self.front.alive or self.serving() or self.job.all_exited(), max_steps=max_steps)
 
-    def settle(self, max_steps: int = 4000) -> None:
-        """Drive the cluster to its end: to serving (or failure), then SIGTERM on the front, then
-        until every rank has exited (first enabled step; the next timer when none). Checks the end."""
-        self.streaming = False
+    def run_chunks(self, n: int, max_steps: int = 5000) -> None:
+        """Stream until ``n`` more chunks were shown, or the front stops serving."""
+        want = len(self.ledger.shown) + n
+        self.pump(until=lambda: len(self.ledger.shown) >= want or not self.serving() or self.engine.machine.done
+                  or self.job.all_exited(), max_steps=max_steps)
+
+    def settle(self, max_steps: int = 20000) -> None:
+        """Drive the job to its end: to serving (or failure), then SIGTERM on the front, then until every rank
+        has exited (first enabled step; the next timer when none). Checks the end."""
         self.run_until_serving(max_steps)
-        self.sigterm()
+        if self.front.alive and self.front.lifecycle.state == "serving" and not self.stop_posted:
+            self.signal(self.front.rank)  # (a stop already asked must end the run by itself: never lost)
         for _ in range(max_steps):
-            if self.all_terminal():
+            if self.job.all_exited():
                 break
             self.check_progress()
-            if not self.step(0):
-                self.now = max(self.now, min(self.timers()))
+            self.job.poll_drain(now=True)  # the front's drain watcher reads the store (its poll comes in POLL_S)
+            ranks = self.enabled()
+            if ranks:
+                self.step_rank(ranks[0])
+            else:
+                self.jump()
         else:
             raise ModelViolation(f"shutdown did not end after {max_steps} steps: {self.describe()}")
         self.check_end()
 
+    # == invariants =================================================================================
+    def check(self, cond: bool, what: str) -> None:
+        """A violation names the job's state (formatted only then)."""
+        if not cond:
+            raise ModelViolation(f"{what}: {self.describe()}")
+
+    def check_progress(self) -> None:
+        """No reachable deadlock: some rank can move, a timer will fire, or every rank is done."""
+        if self.job.all_exited() or self.enabled():
+            return
+        self.check(bool(self.job.timers()), "deadlock: nothing can move and no timer is armed")
+
+    def check_front_deadline(self) -> None:
+        """The front never waits without a deadline."""
+        p = self.front
+        head = p.head() if p.alive else None
+        if isinstance(head, (AwaitResult, AwaitReady, Idle)):
+            self.check(head.until is not None and math.isfinite(head.until),
+                       f"the front waits ({type(head).__name__}) without a deadline")
+        e = self.engine
+        if p.alive and e is not None and e.machine.chunk.state in ("draining", "closing", "stopping") \
+                and not p.lifecycle.is_terminal:
+            self.check(p.lifecycle.state == "draining", f"the front drains, its lifecycle is {p.lifecycle.state}")
+        led = self.ledger
+        if isinstance(head, Idle) and led.last_activity is not None:
+            self.check(head.until == led.last_activity + H, f"the front idles until {head.until:g}, H after its last "
+                       f"send or result is {led.last_activity + H:g}")
+
     def check_end(self) -> None:
-        check(self.all_terminal(), f"live ranks left: {self.describe()}")
+        self.check(self.job.all_exited(), "live ranks left")
         led = self.ledger
-        if self.front.exit_code == 0:
-            check(led.answered == len(led.sent), f"front exited 0 with {len(led.sent) - led.answered} unanswered")
+        codes = [p.code for p in self.procs]
+        if self.front.code == 0:
+            self.check(led.received == led.sent, f"front exited 0 with {led.sent - led.received} envelope(s) "
+                  f"unanswered")
         if not self.faults:
-            codes = [p.exit_code for p in self.procs]
-            check(all(c == 0 for c in codes), f"no fault injected, yet exit codes {codes}: {self.describe()}")
+            self.check(all(c == 0 for c in codes), f"no fault injected, yet exit codes {codes}")
+        if not self.timing:  # (the leader exits 1 after a farewell: the front is gone when it answers)
+            workers = [p.code for p in self.mesh[1:]]
+            self.check(all(c == 0 for c in workers), f"no rank was lost, yet worker exit codes {workers} (the front's "
+                  f"farewell SHUTDOWN should end them)")
+        if self.startup_fault is not None and len(self.faults) == 1:
+            for p in self.procs:
+                f = p.lifecycle.failure
+                self.check(p.code != 0 and f is not None and self.startup_fault in f.reason,
+                           f"rank {p.rank} exited {p.code} ({f}), the startup fault says {self.startup_fault!r}")
+                if p.rank in self.blamed:
+                    assert f is not None
+                    self.check(f.kind == self.blamed[p.rank], f"rank {p.rank} failed {f.kind}, should be "
+                               f"{self.blamed[p.rank]}: {f}")
+        for p in self.procs:  # an exit its machines chose (not a kill, a signal, a drain's bound) matches the lifecycle
+            if p.reason == "killed" or p.reason.startswith("SIGTERM") or p.reason.startswith("drain did not"):
+                continue
+            want = "shutdown" if p.code == 0 else "failed"
+            self.check(p.lifecycle.state == want, f"rank {p.rank} exited {p.code}, its lifecycle is in "
+                       f"{p.lifecycle.state}")
+        if self.engine is not None:
+            st = self.engine.machine.chunk.stats
+            self.check(st.emitted == len(led.accepted), f"the chunk machine accepted {st.emitted} chunks, the model "
+                       f"{len(led.accepted)}")
+            self.check(st.retries == led.retries, f"{st.retries} retries, the model saw {led.retries}")
+            self.check(st.discarded_stale == led.stale, f"{st.discarded_stale} stale results discarded, the model "
+                       f"saw {led.stale}")
+        seen = [p.generator.seen for p in self.mesh if p.generator is not None]
+        longest = max(seen, key=len, default=[])
+        for s in seen:
+            self.check(s == longest[:len(s)], f"mesh ranks ran different calls: {s} vs {longest}")
 
-    def describe(self) -> str:
-        parts = []
-        for p in self.procs:
-            sub = p.chunk or p.relay or p.worker
-            parts.append(f"r{p.rank}:{p.role}:{p.life.state}" + (f"/{sub.state}" if sub else "")
-                         + ("" if p.alive else f"(exit {p.exit_code})") + (f"[in {p.collective}]" if p.collective else ""))
-        queues = {k: len(v) for k, v in self.q.items() if v}
-        return f"t={self.now} {' '.join(parts)} queues={queues} faults={self.faults} trace[-12:]={self.trace[-12:]}"
+    # == what the model watches =====================================================================
+    def _observe(self, what: str, /, **f: Any) -> None:
+        if what == "front_engine":
+            f["engine"].machine.chunk.watch(self._on_chunk)
+        elif what == "envelope":
+            self._on_envelope(f["env"], f["tensors"])
+        elif what == "await_result":
+            self._on_await(f["until"])
+        elif what == "result":
+            self._on_result(f["result"])
+        elif what == "expired":
+            self.check(bool(self.timing), f"rank {f['rank']}: {f['what']} ran out at t={self.job.now:g} (bound "
+                  f"{f['until']:g}) without a fault that could cause it")
+        elif what == "tp_header":
+            self._on_tp_header(f["header"])
+        elif what == "exit":
+            self.trace.append(f"r{f['rank']} exit {f['code']}: {f['reason'][:80]}")
+            if f["rank"] == self.front.rank:
+                self.front_exit_at = self.job.now
+            if f["reason"] == "drain did not finish within its bound":
+                self.check(bool(self.timing), f"rank {f['rank']}'s drain outlived its bound without a fault")
+            if self.front_exit_at is not None:
+                self.check(self.job.now <= self.front_exit_at + EXIT_BOUND_S,
+                      f"rank {f['rank']} exited {self.job.now - self.front_exit_at:g} s after the front")
 
-    # == per-rank steps =============================================================================
-    def _steps_of(self, p: Proc, out: list[Step]) -> None:
-        st = p.life.state
-        if st == "init":
-            out.append((f"r{p.rank} start", lambda: self._start(p)))
-            return
-        if p.collective is not None:
-            name = p.collective
-            parts = [self.procs[r] for r in self.participants[name]]
-            if all(q.alive and q.collective == name for q in parts):
-                if p is parts[0]:
-                    out.append((f"complete {name}", lambda: self._complete(name)))
-            elif any(not q.alive for q in parts):
-                out.append((f"r{p.rank} {name} peer gone", lambda: self._fail(p, f"peer gone in {name}", "remote")))
-            return
-        if st == "loading":
-            out.append((f"r{p.rank} load", lambda: self._load(p)))
-            return
-        if p.role in ("front", "tp_rank0"):
-            self._front_steps(p, out)
-        if p.role in ("leader", "tp_rank0") and p.relay is not None:
-            self._leader_steps(p, out)
-        if p.role == "worker" and p.worker is not None:
-            self._worker_steps(p, out)
-        if p.shard is not None:
-            peers = [q for q in self.mesh if q is not p]
-            if any(not q.alive for q in peers):
-                out.append((f"r{p.rank} collective error", lambda: self._shard_error(p)))
-
-    # -- startup ------------------------------------------------------------------------------------
-    def _start(self, p: Proc) -> None:
-        p.life.fire("start")
-        p.collective = "parity"
-
-    def _load(self, p: Proc) -> None:
-        ok = p.rank != self.load_fail_rank
-        p.vote = p.life.on_loaded(ok, "" if ok else "model load failed (injected)")
-        p.collective = "vote"
-
-    def _complete(self, name: str) -> None:
-        parts = [self.procs[r] for r in self.participants[name]]
-        for p in parts:
-            p.collective = None
-        if name == "parity":
-            report = parity_report([p.config for p in parts])
-            for p in parts:
-                if report:
-                    mine = p.config != self.base_config
-                    self._fail(p, "parity: " + "; ".join(report), "local" if mine else "remote")
-                else:
-                    p.life.fire("parity_ok")
-        elif name == "vote":
-            vote = min(p.vote for p in parts)
-            detail = ", ".join(f"rank {p.rank}" for p in parts if p.vote == 0)
-            for p in parts:
-                p.life.on_vote(vote, detail)
-                if p.life.is_terminal:
-                    self._exit(p, 1)
-                else:
-                    p.collective = "fingerprint" if p.life.state == "fingerprint" else "barrier"
-        elif name == "fingerprint":
-            for p in parts:
-                p.life.fire("fingerprint_ok")
-                p.collective = "barrier"
-        elif name == "barrier":
-            for p in parts:
-                p.life.fire("barrier_done")
-                p.collective = "warm"
-        elif name == "warm":
-            for p in parts:
-                p.life.fire("channels_warm")
-            for p in parts:  # warmup: the leader drives it; workers loop; the front waits for READY
-                if p.role == "worker":
-                    p.worker = WorkerLoopMachine(p.rank, watchdog_s=W, now=self.now, heartbeat_s=H, geometry=GEOMETRY)
-            for p in parts:
-                if p.role in ("leader", "tp_rank0"):
-                    p.relay = LeaderRelayMachine(
-                        p.rank, GEOMETRY, len(self.mesh), timesteps=TIMESTEPS, warmup_chunks=self.cfg.warmup_chunks,
-                        recompute_every=self.cfg.recompute_every, fingerprint="fp",
-                        watchdog_s=W if p.role == "leader" else None, now=self.now)
-                    self._leader_do(p, p.relay.start_warmup())
-
-    # -- the front ----------------------------------------------------------------------------------
-    def _front_steps(self, p: Proc, out: list[Step]) -> None:
-        up = self.q["pp_up"]
-        if p.life.state == "warmup" and p.role == "front":
-            if up:
-                out.append(("front recv READY", lambda: self._front_ready(p)))
-            elif not self.leader.alive:
-                out.append(("front leader gone", lambda: self._fail(p, "leader gone before READY", "remote")))
-            return
-        c = p.chunk
-        if c is None or c.is_terminal:
-            return
-        if c.state == "idle":
-            if self.streaming and p.life.state == "serving":
-                out.append(("front submit", lambda: self._front_send(p, "infer")))
-            if c.noop_due(self.now):
-                out.append(("front noop", lambda: self._front_send(p, "noop")))
-        elif c.state == "closing":
-            out.append(("front shutdown", lambda: self._front_send(p, "shutdown")))
-        if c.waiting:
-            if up:
-                out.append(("front recv", lambda: self._front_recv(p)))
-            elif not self.leader.alive:
-                out.append(("front leader gone", lambda: self._front_decide(p, c.poison("leader gone"))))
-            due = c.deadline_at()
-            if due is not None and self.now >= due:
-                out.append(("front deadline", lambda: self._front_deadline(p)))
-
-    def _new_chunk_machine(self, p: Proc) -> None:
-        p.chunk = ChunkMachine(
-            p.rank, chunk_frames=GEOMETRY.latent_frames, window=GEOMETRY.max_context_frames, timesteps=TIMESTEPS,
-            recompute_every=self.cfg.recompute_every, heartbeat_s=H, deadline_floor_s=FLOOR,
-            deadline_factor=self.cfg.deadline_factor)
-
-    def _front_ready(self, p: Proc) -> None:
-        msg = self.q["pp_up"].popleft()
-        check(isinstance(msg, ReadyV1), f"front expected READY first, got {msg!r}")
-        p.life.fire("warmup_done")
-        self._new_chunk_machine(p)
-
-    def _front_send(self, p: Proc, what: str) -> None:
-        c = p.chunk
-        assert c is not None
+    def _on_envelope(self, env: PPEnvelopeV1, tensors: list[torch.Tensor]) -> None:
         led = self.ledger
-        if what == "infer":
-            plan = c.plan_next(self.now)
-            self._check_schedule(plan)
-            specs = chunk_specs(plan)
-        else:
-            plan = c.plan_noop(self.now) if what == "noop" else c.plan_shutdown()
-            specs = ()
-        env = envelope_from_plan(plan, specs)
-        check(plan.call_id > led.last_call_id, f"call_id {plan.call_id} after {led.last_call_id}")
-        check(len(led.sent) == led.answered, f"overlap depth 1: {len(led.sent) - led.answered} unanswered")
-        led.last_call_id = plan.call_id
-        msg: PPEnvelopeV1 | Garbage = env
-        if self.corrupt_next == "invalid":  # breaks a rule the leader checks: answered ok=False, never relayed
-            bad = {"expected_generator_calls": env.expected_generator_calls + 1} if plan.action is Action.INFER \
-                else {"num_denoising_steps": 1}
-            msg = env.model_copy(update=bad)
-            self.faults.append(f"invalid envelope call_id={plan.call_id}")
-        elif self.corrupt_next == "ids":  # valid-looking but altered ids: relayed; the front's tripwire fires
-            msg = env.model_copy(update={"chunk_index": env.chunk_index + 1, "init_cache": False,
-                                         "reset_cache": False})
-            self.faults.append(f"altered ids call_id={plan.call_id}")
-        elif self.corrupt_next == "garbage":
-            msg = Garbage(plan.call_id)
-            self.faults.append(f"garbage frame call_id={plan.call_id}")
-        self.corrupt_next = None
-        if not self._send(p, self.leader, "pp_down", msg):
-            self._front_decide(p, c.poison("send failed: leader gone"))
+        self.check(env.call_id > led.last_call_id, f"call_id {env.call_id} sent after {led.last_call_id}")
+        self.check(led.sent == led.received, f"overlap depth 1: {env.action.value} call_id={env.call_id} sent with "
+              f"{led.sent - led.received} envelope(s) unanswered")
+        now = self.job.now
+        if env.action is Action.NOOP and led.last_activity is not None and not self.timing:
+            self.check(now == led.last_activity + H, f"heartbeat at t={now:g}, {now - led.last_activity:g} s after the "
+                       f"front's last send or result (H={H:g})")
+        # a headless run counts chunks shown, plus the one received and not decoded yet if still current
+        kept = len(led.shown) + sum(1 for a in led.accepted if a[0] == led.epoch and a not in led.shown)
+        if env.action is Action.SHUTDOWN and (self.engine is None or self.engine.machine.state != "failed"):
+            headless_end = self.then == "shutdown" and self.max_chunks is not None and kept >= self.max_chunks
+            self.check(self.stop_posted or headless_end, "SHUTDOWN sent, yet no stop was asked and the headless run "
+                       "(then=shutdown) has not accepted its chunks")
+        if env.action is Action.INFER and self.max_chunks is not None:
+            self.check(kept < self.max_chunks, f"INFER sent after the headless run's {self.max_chunks} chunks")
+        if env.action is Action.INFER and env.chunk_index > 0:
+            prev = (env.cache_epoch, env.chunk_index - 1)
+            j = env.chunk_index
+            s0 = j * T - (min(j * T, self.window) if due(j, self.K) else 0)
+            first = self.source == "reencode" and due(j, self.K) and s0 > 0 and s0 >= (j - 1) * T
+            if self.engine is not None and self.engine.machine.overlap and first:
+                self.check(prev in led.shown, f"re-encode: chunk {j} recomputes from frame {s0}, in chunk {prev} "
+                           "not decoded: decode it first")
+            elif self.engine is not None and self.engine.machine.overlap:
+                self.check(prev not in led.shown, f"overlap: chunk {prev} was shown before chunk {env.chunk_index} "
+                           "went out (send k+1, then decode k)")
+            elif self.engine is not None:
+                self.check(prev in led.shown, f"serial link: chunk {env.chunk_index} went out before chunk {prev} "
+                           "was shown")
+        led.last_call_id = env.call_id
+        led.sent += 1
+        led.sent_at[env.call_id] = now
+        led.last_sent = env
+        if env.action is not Action.PING:  # the chunk machine's heartbeat clock starts after the PING
+            led.last_activity = now
+        if self.engine is not None and self.engine.machine.state == "serving":
+            want = max(FACTOR * p99(led.samples[-P99_SAMPLES:]), FLOOR)
+            got = self.engine.machine.chunk.deadline_s()
+            self.check(abs(got - want) < 1e-6, f"the front's deadline is {got:g} s, the rule says {want:g} s (p99 of "
+                       f"the last {P99_SAMPLES} round trips)")
+        if self.engine is not None and self.engine.machine.state == "failed":
+            led.farewell = True
+            self.check(env.action is Action.SHUTDOWN, f"after a failure the front sent {env.action.value}")
+        if env.action is not Action.INFER:
             return
-        c.on_sent(self.now)
-        led.sent.append((plan.call_id, plan.action.value))
+        k = self.K
+        self.check(env.cache_epoch == led.epoch, f"INFER epoch {env.cache_epoch} != model epoch {led.epoch}")
+        self.check(env.chunk_index == led.index, f"INFER chunk_index {env.chunk_index} != model {led.index} "
+              f"(epoch {led.epoch})")
+        self.check(env.do_kv_recompute == due(led.index, k), f"recompute={env.do_kv_recompute} at chunk {led.index} "
+              f"with K={k}")
+        self.check(env.init_cache == (led.index == 0), "init_cache only on an epoch's first chunk")
+        self.check(env.reset_cache == (led.index == 0 and led.epoch > 0), f"reset_cache={env.reset_cache} at chunk "
+              f"{led.index} of epoch {led.epoch}")
+        self.check(env.timesteps == TIMESTEPS, f"timesteps {env.timesteps}")
+        calls = len(TIMESTEPS) + (1 if env.do_kv_recompute else 0)
+        self.check(env.expected_generator_calls == calls or env.chunk_index in self.corrupt_chunks,
+                   f"expected_generator_calls {env.expected_generator_calls} != {calls}")
+        if env.expected_generator_calls != calls:
+            self.invalid_calls.add(env.call_id)
+        if env.do_kv_recompute:
+            want = min(led.index * T, self.window)
+            self.check(len(tensors) == 3 and int(tensors[2].shape[1]) == want,
+                       f"recompute of chunk {led.index} carries {[tuple(x.shape) for x in tensors]}, want {want} frames")
+            self._check_context(env, tensors[2])
+        cond = led.conditioning.setdefault(env.cache_epoch, tensors[0])
+        self.check(torch.equal(cond, tensors[0]), f"epoch {env.cache_epoch} changed its conditioning mid-epoch")
+        if led.cut_after_call is not None and env.call_id > led.cut_after_call:
+            self.check(env.cache_epoch > led.cut_from_epoch, f"a cut was posted while serving, yet INFER call_id="
+                  f"{env.call_id} is still of epoch {env.cache_epoch}")
+            led.cut_after_call = None
 
-    def _check_schedule(self, plan: ChunkPlan) -> None:
+    def _check_context(self, env: PPEnvelopeV1, ctx: torch.Tensor) -> None:
+        """The context frames are the epoch's latent frames [s, s + n) as generated (the fake generator's latents
+        of chunk j are noise(seed, j) / 2); with re-encode, frame s (when s > 0) is the VAE re-encode of its
+        decoded frame instead."""
+        n = int(ctx.shape[1])
+        s = env.chunk_index * T - n
+        chunks = [(STAGE0.make_noise(env.seed, j) * 0.5).float() for j in range(s // T, (s + n - 1) // T + 1)]
+        want = torch.cat(chunks, dim=1)[:, s - (s // T) * T: s - (s // T) * T + n]
+        reencoded = self.source == "reencode" and s > 0
+        same = [torch.equal(ctx[:, i], want[:, i]) for i in range(n)]
+        self.check(same[1:] == [True] * (n - 1) and same[0] != reencoded, f"the context of chunk {env.chunk_index} "
+                   f"(frames [{s}, {s + n})) is not the epoch's latents{' with frame s re-encoded' if reencoded else ''}"
+                   f": frames equal to the latents {same}")
+
+    def _on_await(self, until: float | None) -> None:
+        self.check(until is not None and math.isfinite(until), "the front waits for a result without a deadline")
+        led, e = self.ledger, self.engine
+        sent = led.last_sent
+        if sent is not None and sent.action is Action.PING and until is not None:
+            want_ping = led.sent_at[sent.call_id] + 4 * W
+            self.check(until == want_ping, f"the PING's answer awaited until {until:g}, its bound is 4 W: {want_ping:g}")
+        if sent is None or sent.action is Action.PING or e is None or e.machine.state != "serving":
+            return
+        assert until is not None
+        want = led.sent_at[sent.call_id] + max(FACTOR * p99(led.samples[-P99_SAMPLES:]), FLOOR)
+        self.check(abs(until - want) < 1e-6, f"the result of {sent.action.value} call_id={sent.call_id} awaited until "
+              f"{until:g}, the deadline rule says {want:g} (p99 of the last {P99_SAMPLES} round trips)")
+
+    def _on_result(self, res: PPResultV1) -> None:
         led = self.ledger
-        k = self.cfg.recompute_every
-        check(plan.cache_epoch == led.epoch, f"plan epoch {plan.cache_epoch} != model epoch {led.epoch}")
-        check(plan.chunk_index == led.index, f"plan chunk_index {plan.chunk_index} != model {led.index}")
-        due = k > 0 and led.index > 0 and led.index % k == 0
-        check(plan.do_kv_recompute == due, f"recompute {plan.do_kv_recompute} at chunk {led.index} with K={k}")
-        check(plan.do_kv_recompute == recompute_due(plan.chunk_index, k), "schedule helper disagrees")
-        if due:
-            want = min(led.index * GEOMETRY.latent_frames, GEOMETRY.max_context_frames)
-            check(plan.context_frames == want, f"context frames {plan.context_frames} != {want}")
-        check(plan.init_cache == (led.index == 0), "init_cache only on the first chunk of an epoch")
+        led.received += 1
+        sent = led.last_sent
+        if sent is None or sent.action is Action.PING:
+            return
+        led.last_activity = self.job.now
+        ids = (res.action, res.call_id, res.chunk_index, res.cache_epoch)
+        if ids != (sent.action, sent.call_id, sent.chunk_index, sent.cache_epoch):
+            return  # the front's tripwire fails it
+        if res.action is not Action.SHUTDOWN and res.cache_epoch != led.epoch:
+            led.stale += 1
+        if res.action is not Action.INFER:
+            return
+        if res.ok and res.observed_generator_calls != sent.expected_generator_calls:
+            self.check(self.tampered, f"the leader answered ok with {res.observed_generator_calls} generator calls "
+                       f"for {sent.expected_generator_calls} expected: its tripwire must answer ok=False")
+            return  # the front's tripwire fails it
+        if res.ok:
+            led.samples.append(self.job.now - led.sent_at[res.call_id])
+            if res.cache_epoch == led.epoch:
+                led.accepted.append((res.cache_epoch, res.chunk_index))
+                led.index = res.chunk_index + 1
+                led.failures_in_a_row = 0
+                led.recomputes += int(sent.do_kv_recompute)
 
-    def _front_recv(self, p: Proc) -> None:
-        msg = self.q["pp_up"].popleft()
-        check(isinstance(msg, PPResultV1), f"front expected a result, got {msg!r}")
-        c = p.chunk
-        assert c is not None
-        self.ledger.answered += 1
-        self._front_decide(p, c.on_result(msg, self.now))
-
-    def _front_deadline(self, p: Proc) -> None:
-        assert p.chunk is not None
-        self.faults.append(f"result deadline missed at t={self.now}")
-        self._front_decide(p, p.chunk.on_deadline_missed(self.now))
-
-    def _front_decide(self, p: Proc, d: Decision) -> None:
+    def _on_chunk(self, machine: Any, event: str, _state: str) -> None:
         led = self.ledger
-        if d.verdict is Verdict.EMIT:
-            check(d.cache_epoch == led.epoch, f"stale emit: epoch {d.cache_epoch}, model epoch {led.epoch}")
-            check(d.chunk_index == led.index, f"emit chunk {d.chunk_index}, model expects {led.index}")
-            led.emitted.append((d.cache_epoch, d.chunk_index))
-            led.index += 1
-            led.failures_in_a_row = 0
-        elif d.verdict is Verdict.DISCARD_STALE:
-            check(d.cache_epoch < led.epoch, "discarded a current-epoch result")
-        elif d.verdict is Verdict.RETRY:
-            led.failures_in_a_row += 1
-            check(led.failures_in_a_row == 1, "retried after a second failure in a row (retry once, then fail)")
+        if event == "cut":
             led.epoch += 1
             led.index = 0
+        elif event == "fail" and "second failure in a row" in str(machine.failure):
+            self.check(led.failures_in_a_row == 1, "failed on a 'second failure in a row' after a success")
+        elif event in ("abort", "abort_closing"):
+            self.check(bool(self.refusals), "the front refused its own envelope (planned again) without a fault "
+                       "that breaks an envelope")
+        elif event == "result_retry":
+            self.check(led.failures_in_a_row == 0, "retried after a second failure in a row (retry once, then fail)")
+            led.failures_in_a_row += 1
             led.retries += 1
-        elif d.verdict is Verdict.STOPPED:
-            p.life.fire("drained")
-            self._exit(p, 0)
-        elif d.verdict is Verdict.FAIL:
-            assert d.cause is not None
-            check(bool(self.faults), f"front failed without a fault: {d.cause}")
-            self._fail(p, str(d.cause), d.cause.kind)
+            led.epoch += 1
+            led.index = 0
 
-    # -- the leader (and tp rank 0's in-process relay) ----------------------------------------------
-    def _leader_steps(self, p: Proc, out: list[Step]) -> None:
-        relay = p.relay
-        assert relay is not None
-        if relay.state != "idle":
-            return
-        if self.q["pp_down"]:
-            out.append(("leader recv", lambda: self._leader_recv(p)))
-        elif not self.front.alive:
-            out.append(("leader front gone", lambda: self._leader_do(p, relay.on_fatal("front gone"))))
-        if self.now >= relay.watchdog_deadline():
-            out.append(("leader watchdog", lambda: self._leader_do(p, relay.on_tick(self.now))))
+    def _on_shown(self, batch: Any) -> None:
+        rec = batch.record
+        led = self.ledger
+        self.check(rec.cache_epoch == led.epoch, f"stale chunk shown: epoch {rec.cache_epoch}, model epoch {led.epoch}")
+        nxt = sum(1 for e, _ in led.shown if e == rec.cache_epoch)
+        self.check(rec.chunk_index == nxt, f"shown chunk {rec.chunk_index} of epoch {rec.cache_epoch}, expected {nxt}")
+        self.check((rec.cache_epoch, rec.chunk_index) in led.accepted, f"shown a chunk never accepted: {rec}")
+        frames = 4 * T - (3 if rec.chunk_index == 0 else 0)
+        self.check(int(batch.frames.shape[0]) == frames, f"chunk {rec.chunk_index} shows {batch.frames.shape[0]} frames")
+        led.shown.append((rec.cache_epoch, rec.chunk_index))
 
-    def _leader_recv(self, p: Proc) -> None:
-        assert p.relay is not None
-        msg = self.q["pp_down"].popleft()
-        if isinstance(msg, Garbage):
-            self._leader_do(p, p.relay.on_fatal(f"undecodable frame (call_id {msg.call_id})"))
-        else:
-            self._leader_do(p, p.relay.on_envelope(msg, self.now))
+    def _on_tp_header(self, h: TPHeaderV1) -> None:
+        self.check(h.call_id not in self.invalid_calls or h.action is Action.WARMUP,
+                   f"the leader relayed the invalid envelope call_id={h.call_id} to the workers")
+        if h.action is Action.WARMUP and h.do_kv_recompute:
+            want = min(h.chunk_index * T, self.window)
+            got = int(h.tensors[2].shape[1])
+            self.check(got == want, f"warmup chunk {h.chunk_index} recomputes over {got} frames, the window allows {want}")
 
-    def _leader_do(self, p: Proc, intents: list[Intent]) -> None:
-        """Perform the relay's intents in order (an adapter's job)."""
-        relay = p.relay
-        assert relay is not None
-        for it in intents:
-            if not p.alive:
-                return
-            if isinstance(it, RecvTensors):
-                continue
-            if isinstance(it, SendTP):
-                for w in self.workers:
-                    if not self._send(p, w, f"tp{w.rank}", it.header):
-                        self._leader_do(p, relay.on_fatal(f"send to rank {w.rank} failed: peer gone"))
-                        return
-            elif isinstance(it, RunShard):
-                p.shard = it.header
-            elif isinstance(it, SendResult):
-                if not self._send(p, self.front, "pp_up", it.result):
-                    self._leader_do(p, relay.on_fatal("send to the front failed: peer gone"))
-                    return
-                if not relay.is_terminal:
-                    self._leader_do(p, relay.on_result_sent(self.now))
-            elif isinstance(it, SendReady):
-                if p.role == "leader" and not self._send(p, self.front, "pp_up", it.ready):
-                    self._leader_do(p, relay.on_fatal("send READY failed: front gone"))
-                    return
-                p.life.fire("warmup_done")
-                if p.role == "tp_rank0":
-                    self._new_chunk_machine(p)
-            elif isinstance(it, Exit):
-                if p.role == "tp_rank0" and it.code == 0:
-                    continue  # the front half of rank 0 finishes the SHUTDOWN round
-                if it.code == 0:
-                    p.life.fire("shutdown_received")
-                    self._exit(p, 0)
-                else:
-                    kind = relay.failure.kind if relay.failure else "local"
-                    self._fail(p, it.reason, kind, code=it.code)
-            else:  # pragma: no cover
-                raise ModelViolation(f"unknown intent {it!r}")
-
-    def _mesh_compute(self) -> None:
-        """Every mesh rank runs the same call; the all-reduces complete; each reports back."""
-        lead = self.leader
-        assert lead.shard is not None and lead.relay is not None
-        h = lead.shard
-        for w in self.workers:
-            assert w.shard is not None and w.worker is not None
-            check((w.shard.action, w.shard.call_id) == (h.action, h.call_id),
-                  f"mesh out of step: leader runs {h.action.value} {h.call_id}, rank {w.rank} runs "
-                  f"{w.shard.action.value} {w.shard.call_id}")
-        fault = self.chunk_fault if h.action is Action.INFER else None
-        self.chunk_fault = None if fault else self.chunk_fault
-        for p in self.mesh:
-            p.shard = None
-        for w in self.workers:
-            assert w.worker is not None
-            w.worker.on_shard_done(self.now)
-        calls = expected_calls(h)
-        if fault == "recoverable":
-            self.faults.append(f"generator failed (recoverable) call_id={h.call_id}")
-            self._leader_do(lead, lead.relay.on_shard_failed("injected", recoverable=True))
-        else:
-            if fault == "tripwire":
-                self.faults.append(f"generator call count off call_id={h.call_id}")
-                calls += 1
-            if h.do_kv_recompute and h.action is Action.INFER:
-                self.ledger.recomputes += 1
-            self._leader_do(lead, lead.relay.on_shard_done(calls, 0, {"total": 1.0}, self.now))
-
-    def _shard_error(self, p: Proc) -> None:
-        """A mesh peer is gone while this rank's shard runs: its collective fails."""
-        p.shard = None
-        if p.relay is not None:
-            self._leader_do(p, p.relay.on_shard_failed("all_reduce failed: mesh peer gone"))
-        else:
-            assert p.worker is not None
-            self._worker_do(p, p.worker.on_shard_failed("all_reduce failed: mesh peer gone"))
-
-    # -- a worker -----------------------------------------------------------------------------------
-    def _worker_steps(self, p: Proc, out: list[Step]) -> None:
-        wl = p.worker
-        assert wl is not None
-        if wl.state != "waiting":
-            return
-        inbox = self.q[f"tp{p.rank}"]
-        if inbox:
-            out.append((f"r{p.rank} recv", lambda: self._worker_recv(p)))
-        elif not self.leader.alive:
-            out.append((f"r{p.rank} leader gone", lambda: self._fail(p, "leader gone", "remote")))
-        if self.now >= wl.watchdog_deadline():
-            out.append((f"r{p.rank} watchdog", lambda: self._worker_do(p, wl.on_tick(self.now))))
-
-    def _worker_recv(self, p: Proc) -> None:
-        assert p.worker is not None
-        h: TPHeaderV1 = self.q[f"tp{p.rank}"].popleft()
-        if p.life.state == "warmup" and h.action is not Action.WARMUP:
-            p.life.fire("warmup_done")
-        self._worker_do(p, p.worker.on_header(h, self.now))
-
-    def _worker_do(self, p: Proc, intents: list[Intent]) -> None:
-        for it in intents:
-            if isinstance(it, RunShard):
-                p.shard = it.header
-            elif isinstance(it, Exit):
-                if it.code == 0:
-                    p.life.fire("shutdown_received")
-                    self._exit(p, 0)
-                else:
-                    wl = p.worker
-                    kind = wl.failure.kind if wl is not None and wl.failure else "local"
-                    self._fail(p, it.reason, kind, code=it.code)
-
-    # -- transport and exits ------------------------------------------------------------------------
-    def _send(self, src: Proc, dst: Proc, channel: str, msg: Any) -> bool:
-        """Queue ``msg``; False when the peer is gone (a gloo send to a dead peer fails fast).
-        Under pure TP the PP "channel" is in-process and cannot break."""
-        if dst is not src and not dst.alive:
-            return False
-        self.q[channel].append(msg)
-        return True
-
-    def _fail(self, p: Proc, reason: str, kind: Any, code: int = 1) -> None:
-        if not p.life.is_terminal:
-            p.life.fail_with(reason, kind)
-        c = p.chunk
-        if c is not None and not c.is_terminal:
-            c.fail_with(f"rank failed: {reason}", kind)
-        if c is not None and p.role == "front" and self.leader.alive:
-            plan = c.farewell_plan()  # best-effort SHUTDOWN when the channel is not poisoned
-            if plan is not None:
-                self.ledger.farewell = True
-                check(plan.call_id > self.ledger.last_call_id, "farewell call_id not increasing")
-                self.ledger.last_call_id = plan.call_id
-                self._send(p, self.leader, "pp_down", envelope_from_plan(plan))
-        self._exit(p, code)
-
-    def _exit(self, p: Proc, code: int) -> None:
-        p.alive = False
-        p.collective = None
-        p.exit_code = code
-        self.trace.append(f"r{p.rank} exit {code}")
-
-
-def chunk_specs(plan: ChunkPlan, g: ChunkGeometry = GEOMETRY) -> tuple[TensorSpec, ...]:
-    """The tensors the engine announces for an INFER plan (what it builds from the plan)."""
-    specs = [TensorSpec(name=T_CONDITIONING, dtype=g.dtype, shape=g.conditioning_shape()),
-             TensorSpec(name=T_NOISE, dtype=g.dtype, shape=g.noise_shape())]
-    if plan.do_kv_recompute:
-        specs.append(TensorSpec(name=T_CONTEXT, dtype=g.dtype, shape=g.context_shape(plan.context_frames)))
-    return tuple(specs)
+    # == reading ====================================================================================
+    def describe(self) -> str:
+        return (f"{self.job.describe()} faults={self.faults} ledger(epoch={self.ledger.epoch} index="
+                f"{self.ledger.index} sent={self.ledger.sent} received={self.ledger.received}) "
+                f"trace[-16:]={self.trace[-16:]}")

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 PROFILES: dict[str, settings] = {
     # CI: derandomized (the same examples every run, no flakes), >= 500 examples per topology.
     "ci": settings(max_examples=500, stateful_step_count=8, derandomize=True, database=None, **_COMMON),
+    # mutation: the ci examples without shrinking (scripts/mutate_fsm.py: a failure is all it needs).
+    "mutation": settings(max_examples=500, stateful_step_count=8, derandomize=True, database=None,
+                         phases=[Phase.explicit, Phase.reuse, Phase.generate], **_COMMON),
+    # quick: a smoke run while developing (seconds).
+    "quick": settings(max_examples=60, stateful_step_count=8, derandomize=True, database=None, **_COMMON),
     # deep: random, many more and longer runs (minutes).
     "deep": settings(max_examples=5000, stateful_step_count=40, **_COMMON),
 }
