@@ -1,93 +1,181 @@
-"""Run each fault scenario several times on a local CPU/gloo job and print a Markdown table of the
-median time from the fault to each surviving rank's exit (and each rank's exit code).
+"""Run the fault drills several times and print one Markdown table: each case, what was injected, what is
+expected, the exit code(s), the time from the injection to every process of the job gone (median / max),
+the cause named, and the runs that met every expectation.
 
-    python -m pp1.testing.fault_table --runs 3 [--scenario kill_leader_mid_chunk ...] [--json out.jsonl]
+Two kinds of case: the drills on the real ``pp1 run`` (``launcher_faults.DRILLS``: signals to the launcher,
+torchrun and each rank, each PP1_FAULT point; the job's processes found in /proc), and the local-job
+scenarios (``fault_scenarios.SCENARIOS``: ranks as direct subprocesses, for what ``pp1 run`` cannot reach,
+e.g. a front idle on heartbeats; the cause is what the launcher would name from the ranks' events).
+
+    python -m pp1.testing.fault_table --runs 3 [--case NAME ...] [--json runs.jsonl] [--md table.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pp1.adapters.launch.launcher import root_failure
+from pp1.testing import launcher_faults
 from pp1.testing.fault_scenarios import FLOOR, GRACE, SCENARIOS, STALL_S, H, W, run_scenario
+from pp1.testing.launcher_faults import DRILLS, run_drill
 
 ROLES = {0: "front", 1: "leader", 2: "worker"}
 
-WHAT = {
-    "kill_leader_mid_chunk": "SIGKILL leader after relaying chunk 2",
-    "kill_worker_mid_chunk": "SIGKILL worker on chunk 2's header",
-    "kill_front_idle": "SIGKILL front while idle (heartbeats only)",
-    "kill_front_mid_chunk": "SIGKILL front right after sending chunk 2",
-    "leader_stall": f"leader sleeps {STALL_S:g} s on chunk 2 (deadline floor {FLOOR:g} s)",
-    "sigterm_idle": "SIGTERM front while idle (orderly shutdown)",
+WHAT = {  # the local-job scenarios, in words
+    "kill_leader_mid_chunk": "local job: `PP1_FAULT=rank=1,at=relayed:2,do=kill` (leader SIGKILLs itself after "
+                             "relaying chunk 2)",
+    "kill_worker_mid_chunk": "local job: `PP1_FAULT=rank=2,at=chunk:2,do=kill` (worker, on chunk 2's header)",
+    "kill_front_idle": "local job: `PP1_FAULT=rank=0,at=idle,do=kill` (front SIGKILLs itself idle on heartbeats)",
+    "kill_front_mid_chunk": "local job: `PP1_FAULT=rank=0,at=sent:2,do=kill` (front, after sending chunk 2)",
+    "leader_stall": f"local job: `PP1_FAULT=rank=1,at=chunk:2,do=stall:{STALL_S:g}` (leader; deadline floor "
+                    f"{FLOOR:g} s)",
+    "sigterm_idle": "local job: SIGTERM front idle on heartbeats (`--then idle`)",
 }
 
+CASES = [*DRILLS, *SCENARIOS]
 
-def run_table(names: list[str], runs: int, json_path: str | None = None) -> list[dict[str, Any]]:
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    expect: str
+    codes: Counter = field(default_factory=Counter)
+    gone_s: list[float] = field(default_factory=list)
+    causes: Counter = field(default_factory=Counter)
+    runs: int = 0
+    ok: int = 0
+
+
+def _drill_run(name: str, i: int) -> tuple[dict[str, Any], str, float | None, str, bool]:
+    """(record, exit code, time to all gone, cause, met every expectation) of one run of a pp1 run drill."""
+    d = DRILLS[name]
+    res = run_drill(d, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-drill-{i}-")))
+    cause = res.last_line.removeprefix("pp1 run: ") if res.last_line.startswith("pp1 run:") else "(no last line)"
+    return res.record(), str(res.code), res.gone_s, cause, not res.problems()
+
+
+def _scenario_run(name: str, i: int) -> tuple[dict[str, Any], str, float | None, str, bool]:
+    """The same of one run of a local-job scenario: the cause as the launcher would name it."""
+    sc = SCENARIOS[name]
+    res = run_scenario(sc, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-{name}-{i}-")))
+    events = [e for r in range(sc.world) for e in res.job.events(r)]
+    _rank, why = root_failure(events)
+    codes = "/".join(str(res.codes[r]) for r in sorted(res.codes))
+    gone = max(res.detect_s.values()) if res.detect_s and None not in res.codes.values() else None
+    return res.record(), codes, gone, why or "ok (every rank exited 0)", not res.problems()
+
+
+def run_table(names: list[str], runs: int, json_path: str | None = None) -> list[Row]:
     rows = []
     for name in names:
-        sc = SCENARIOS[name]
-        detect: dict[int, list[float]] = {r: [] for r in range(sc.world)}
-        codes: dict[int, Counter] = {r: Counter() for r in range(sc.world)}
-        failures = 0
+        drill = DRILLS.get(name)
+        if drill is not None:
+            row = Row(name, _drill_what(drill), drill.expect)
+        else:
+            row = Row(name, WHAT.get(name, name), _scenario_expect(name))
         for i in range(runs):
-            res = run_scenario(sc, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-{name}-{i}-")))
-            rec = res.record()
+            rec, code, gone, cause, ok = (_drill_run if drill else _scenario_run)(name, i)
+            row.runs += 1
+            row.ok += ok
+            row.codes[code] += 1
+            row.causes[cause] += 1
+            if gone is not None:
+                row.gone_s.append(gone)
             if json_path:
                 with open(json_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            failures += bool(res.problems())
-            for r, c in res.codes.items():
-                codes[r][c] += 1
-            for r, t in res.detect_s.items():
-                if r != sc.faulty_rank:
-                    detect[r].append(t)
-            print(f"{name} run {i + 1}/{runs}: codes={res.codes} detect_s="
-                  f"{ {r: round(t, 3) for r, t in res.detect_s.items()} } problems={res.problems()}",
-                  file=sys.stderr, flush=True)
-        rows.append({"name": name, "runs": runs, "failures": failures, "detect": detect, "codes": codes,
-                     "faulty": sc.faulty_rank})
+                    f.write(json.dumps({"case": name, "run": i, **rec}, default=str) + "\n")
+            print(f"{name} run {i + 1}/{runs}: exit {code} gone {gone} ok={ok} {cause[:150]}"
+                  f"{'' if ok else ' PROBLEMS: ' + str(rec.get('problems'))}", file=sys.stderr, flush=True)
+        rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| scenario | fault | front exit | leader exit | worker exit | exit codes (front/leader/worker) "
-            "| runs ok |\n|---|---|---|---|---|---|---|")
-    lines = [head]
+def _drill_what(d: launcher_faults.Drill) -> str:
+    fault = f" (`PP1_FAULT={d.fault}`)" if d.fault and d.sig is not None else ""
+    return f"{d.what}{fault}" if d.sig is not None else f"`PP1_FAULT={d.fault}`: {d.what}"
+
+
+def _scenario_expect(name: str) -> str:
+    sc = SCENARIOS[name]
+    want = {"zero": "0", "nonzero": "≠0", "killed": "-9"}
+    codes = "/".join(want.get(sc.expect.get(r, ""), "?") for r in range(sc.world))
+    bounds = ", ".join(f"{ROLES[r]} ≤ {b:g} s" for r, b in sorted(sc.bound_s.items()))
+    return f"front/leader/worker exit {codes}; {bounds}"
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| case | injected | expected | exit code | all gone: median / max | named cause | runs ok |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        cells = []
-        for r in (0, 1, 2):
-            if r == row["faulty"]:
-                cells.append("(faulty)")
-            elif row["detect"].get(r):
-                cells.append(f"{statistics.median(row['detect'][r]):.2f} s")
-            else:
-                cells.append("-")
-        codes = "/".join(",".join(str(c) for c in sorted(row["codes"][r], key=str)) for r in (0, 1, 2))
-        lines.append(f"| {row['name']} | {WHAT.get(row['name'], '')} | {cells[0]} | {cells[1]} | {cells[2]} "
-                     f"| {codes} | {row['runs'] - row['failures']}/{row['runs']} |")
-    lines.append("")
-    lines.append(f"Medians of the time from the fault (its own record, or the signal sent) to each surviving "
-                 f"rank's process exit, CPU/gloo, 3 ranks (front + TP=2), H={H:g} s, W={W:g} s, deadline floor "
-                 f"{FLOOR:g} s, front grace {GRACE:g} s. Exit codes: 0 shutdown, 1 failed, 3 orphan, -9 SIGKILL.")
+        codes = ", ".join(f"{c}" + (f" ×{n}" if len(row.codes) > 1 else "") for c, n in row.codes.most_common())
+        gone = (f"{statistics.median(row.gone_s):.2f} / {max(row.gone_s):.2f} s" if row.gone_s else "-")
+        if len(row.gone_s) < row.runs:
+            gone += f" ({row.runs - len(row.gone_s)} not timed)"
+        cause, n = row.causes.most_common(1)[0] if row.causes else ("-", 0)
+        others = row.runs - n
+        cause_cell = _cell(cause) + (f" (and {others} other)" if others else "")
+        lines.append(f"| {row.name} | {_cell(row.what, 200)} | {row.expect} | {codes} | {gone} | {cause_cell} "
+                     f"| {row.ok}/{row.runs} |")
     return "\n".join(lines)
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, CPU/gloo; load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in load)}")
+
+
+def legend() -> str:
+    return (f"The job: `pp1 run` (launcher -> torchrun -> front + TP=2, 3 ranks, `{' '.join(launcher_faults.RUN_ARGS)}`) "
+            f"or the local job (ranks as direct subprocesses, H={H:g} s, W={W:g} s, deadline floor {FLOOR:g} s, the "
+            f"front's fail grace {GRACE:g} s). All gone: from the injection (the signal sent, or the fault's own "
+            f"record) to the last process of the job (launcher, torchrun, every rank; local job: every rank) gone "
+            f"from /proc. Exit code: the launcher's (-9: it was the one SIGKILLed; 128+N: torchrun killed by signal "
+            f"N); local job: front/leader/worker. Named cause: the last line of `pp1 run` without its prefix (local "
+            f"job: what the launcher names from the ranks' events). Runs ok: runs meeting every expectation at "
+            f"the issue's bounds, without slack.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
+    p.add_argument("--case", action="append", choices=CASES, metavar="NAME",
+                   help="a case (default: all): " + ", ".join(CASES))
     p.add_argument("--json", default=None, help="append every run's record here (JSON lines)")
+    p.add_argument("--md", default=None, help="also write the table, its legend and the machine here")
     args = p.parse_args(argv)
-    rows = run_table(args.scenario or list(SCENARIOS), args.runs, args.json)
-    print(markdown(rows))
-    return 0 if all(r["failures"] == 0 for r in rows) else 1
+    rows = run_table(args.case or CASES, args.runs, args.json)
+    table = markdown(rows)
+    print(table)
+    if args.md:
+        Path(args.md).write_text(f"{table}\n\n{legend()}\n\nMeasured on: {machine()}.\n")
+    return 0 if all(r.ok == r.runs for r in rows) else 1
 
 
 if __name__ == "__main__":
