@@ -47,34 +47,49 @@ CASES = [*DRILLS, *SCENARIOS]
 
 
 @dataclass
+class Outcome:
+    """One run of a case."""
+
+    record: dict[str, Any]
+    code: str  # the launcher's exit code (local job: front/leader/worker)
+    gone_s: float | None  # injection -> every process of the job gone
+    ranks_s: float | None  # injection -> every rank gone
+    cause: str
+    ok: bool
+
+
+@dataclass
 class Row:
     name: str
     what: str
     expect: str
     codes: Counter = field(default_factory=Counter)
     gone_s: list[float] = field(default_factory=list)
+    ranks_s: list[float] = field(default_factory=list)
     causes: Counter = field(default_factory=Counter)
+    loads: list[float] = field(default_factory=list)  # the 1-minute load average after each run
     runs: int = 0
     ok: int = 0
 
 
-def _drill_run(name: str, i: int) -> tuple[dict[str, Any], str, float | None, str, bool]:
-    """(record, exit code, time to all gone, cause, met every expectation) of one run of a pp1 run drill."""
+def _drill_run(name: str, i: int) -> Outcome:
+    """One run of a pp1 run drill."""
     d = DRILLS[name]
     res = run_drill(d, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-drill-{i}-")))
     cause = res.last_line.removeprefix("pp1 run: ") if res.last_line.startswith("pp1 run:") else "(no last line)"
-    return res.record(), str(res.code), res.gone_s, cause, not res.problems()
+    return Outcome(res.record(), str(res.code), res.gone_s, res.ranks_gone_s(), cause, not res.problems())
 
 
-def _scenario_run(name: str, i: int) -> tuple[dict[str, Any], str, float | None, str, bool]:
-    """The same of one run of a local-job scenario: the cause as the launcher would name it."""
+def _scenario_run(name: str, i: int) -> Outcome:
+    """One run of a local-job scenario: the cause as the launcher would name it."""
     sc = SCENARIOS[name]
     res = run_scenario(sc, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-{name}-{i}-")))
     events = [e for r in range(sc.world) for e in res.job.events(r)]
     _rank, why = root_failure(events)
     codes = "/".join(str(res.codes[r]) for r in sorted(res.codes))
     gone = max(res.detect_s.values()) if res.detect_s and None not in res.codes.values() else None
-    return res.record(), codes, gone, why or "ok (every rank exited 0)", not res.problems()
+    rec = {**res.record(), "load": os.getloadavg()[0]}
+    return Outcome(rec, codes, gone, gone, why or "ok (every rank exited 0)", not res.problems())
 
 
 def run_table(names: list[str], runs: int, json_path: str | None = None) -> list[Row]:
@@ -86,18 +101,22 @@ def run_table(names: list[str], runs: int, json_path: str | None = None) -> list
         else:
             row = Row(name, WHAT.get(name, name), _scenario_expect(name))
         for i in range(runs):
-            rec, code, gone, cause, ok = (_drill_run if drill else _scenario_run)(name, i)
+            out = (_drill_run if drill else _scenario_run)(name, i)
             row.runs += 1
-            row.ok += ok
-            row.codes[code] += 1
-            row.causes[cause] += 1
-            if gone is not None:
-                row.gone_s.append(gone)
+            row.ok += out.ok
+            row.codes[out.code] += 1
+            row.causes[out.cause] += 1
+            row.loads.append(float(out.record.get("load") or 0.0))
+            if out.gone_s is not None:
+                row.gone_s.append(out.gone_s)
+            if out.ranks_s is not None:
+                row.ranks_s.append(out.ranks_s)
             if json_path:
                 with open(json_path, "a") as f:
-                    f.write(json.dumps({"case": name, "run": i, **rec}, default=str) + "\n")
-            print(f"{name} run {i + 1}/{runs}: exit {code} gone {gone} ok={ok} {cause[:150]}"
-                  f"{'' if ok else ' PROBLEMS: ' + str(rec.get('problems'))}", file=sys.stderr, flush=True)
+                    f.write(json.dumps({"case": name, "run": i, **out.record}, default=str) + "\n")
+            print(f"{name} run {i + 1}/{runs}: exit {out.code} ranks gone {out.ranks_s} all gone {out.gone_s} "
+                  f"ok={out.ok} {out.cause[:150]}{'' if out.ok else ' PROBLEMS: ' + str(out.record.get('problems'))}",
+                  file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
@@ -120,23 +139,26 @@ def _cell(text: str, limit: int = 160) -> str:
     return text.replace("|", "\\|")
 
 
+def _times(values: list[float], runs: int) -> str:
+    out = f"{statistics.median(values):.2f} / {max(values):.2f} s" if values else "-"
+    return out + (f" ({runs - len(values)} not timed)" if values and len(values) < runs else "")
+
+
 def markdown(rows: list[Row]) -> str:
-    lines = ["| case | injected | expected | exit code | all gone: median / max | named cause | runs ok |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| case | injected | expected | exit code | ranks gone: median / max | all gone: median / max "
+             "| named cause | runs ok |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         codes = ", ".join(f"{c}" + (f" ×{n}" if len(row.codes) > 1 else "") for c, n in row.codes.most_common())
-        gone = (f"{statistics.median(row.gone_s):.2f} / {max(row.gone_s):.2f} s" if row.gone_s else "-")
-        if len(row.gone_s) < row.runs:
-            gone += f" ({row.runs - len(row.gone_s)} not timed)"
+        gone, ranks = _times(row.gone_s, row.runs), _times(row.ranks_s, row.runs)
         cause, n = row.causes.most_common(1)[0] if row.causes else ("-", 0)
         others = row.runs - n
         cause_cell = _cell(cause) + (f" (and {others} other)" if others else "")
-        lines.append(f"| {row.name} | {_cell(row.what, 200)} | {row.expect} | {codes} | {gone} | {cause_cell} "
+        lines.append(f"| {row.name} | {_cell(row.what, 200)} | {row.expect} | {codes} | {ranks} | {gone} | {cause_cell} "
                      f"| {row.ok}/{row.runs} |")
     return "\n".join(lines)
 
 
-def machine() -> str:
+def machine(rows: list[Row]) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -145,10 +167,11 @@ def machine() -> str:
         pass
     import torch
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    loads = sorted(x for row in rows for x in row.loads)
+    load = (f"; the 1-minute load average after each run (the box is shared): min {loads[0]:.1f}, median "
+            f"{statistics.median(loads):.1f}, max {loads[-1]:.1f}" if loads else "")
     return (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores ({cpu}), Linux {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, CPU/gloo; load average at the end "
-            f"{', '.join(f'{x:.1f}' for x in load)}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, CPU/gloo{load}")
 
 
 def legend() -> str:
@@ -174,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows)
     print(table)
     if args.md:
-        Path(args.md).write_text(f"{table}\n\n{legend()}\n\nMeasured on: {machine()}.\n")
+        Path(args.md).write_text(f"{table}\n\n{legend()}\n\nMeasured on: {machine(rows)}.\n")
     return 0 if all(r.ok == r.runs for r in rows) else 1
 
 

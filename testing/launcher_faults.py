@@ -42,7 +42,8 @@ TARGETS = ("launcher", "torchrun", "front", "leader", "worker")
 DRAIN_S = 5.0  # a SIGTERM / SIGINT anywhere: an orderly drain of the whole job
 ORPHAN_S = 2.0  # torchrun killed: every rank gone
 FAIL_S = 10.0  # any rank failed: every process gone
-REFUSE_S = 30.0  # a refused drill or a whole short run: the launcher's start (imports, checks) to its exit
+REFUSE_S = 30.0  # a refused drill: the launcher's start (imports, checks) to its exit
+RUN_S = 120.0  # a whole 5-chunk run, from the launcher's start
 
 HOLD_READY = "rank=0,at=ready,do=stall:0.5"  # the front between READY and its first chunk (< W: no watchdog)
 HOLD_LOADING = "rank=2,at=loading,do=stall:3"  # rank 2 loading; the others wait in the load vote
@@ -61,6 +62,7 @@ class Drill:
     code: int | None
     line: str
     bound_s: float
+    ranks_bound_s: float | None = None  # every rank gone within this (torchrun killed: the parent-death watch)
     fault: str = ""
     target: str = ""
     sig: int | None = None
@@ -76,7 +78,8 @@ class Drill:
         code = "exit 0" if self.code == 0 else "non-zero" if self.code is None else f"exit {self.code}"
         named = f" naming `{self.line}`" if self.line and self.code != 0 else ""
         also = f", prints `{self.printed}`" if self.printed else ""
-        return f"{code}{named}{also}, all gone ≤ {self.bound_s:g} s"
+        ranks = f", ranks gone ≤ {self.ranks_bound_s:g} s" if self.ranks_bound_s is not None else ""
+        return f"{code}{named}{also}{ranks}, all gone ≤ {self.bound_s:g} s"
 
 
 def _signal_drills() -> list[Drill]:
@@ -93,8 +96,9 @@ def _signal_drills() -> list[Drill]:
                 if moment != "streaming" and sig == signal.SIGINT and target != "launcher":
                     continue  # SIGINT is SIGTERM to a rank and to torchrun; Ctrl-C is the launcher's
                 code, line, bound = _expect(target, sig, moment)
+                orphans = ORPHAN_S if target == "torchrun" and sig == signal.SIGKILL else None
                 out.append(Drill(f"{sig.name}-{target}-{moment}", f"{sig.name} {target} {words}", code, line, bound,
-                                 fault=hold, target=target, sig=sig, when=when))
+                                 orphans, fault=hold, target=target, sig=sig, when=when))
     return out
 
 
@@ -104,10 +108,10 @@ def _expect(target: str, sig: int, moment: str) -> tuple[int | None, str, float]
         if target == "launcher":
             return -signal.SIGKILL, "", DRAIN_S  # torchrun sees its parent die and drains the job
         if target == "torchrun":
-            return None, "torchrun", ORPHAN_S
+            return None, "torchrun killed by SIGKILL", FAIL_S
         return None, f"rank {RANK_OF[target]} ({target})", FAIL_S
     if moment == "loading":  # a signal inside the startup collectives fails the job at once (it cannot drain)
-        return None, "during", FAIL_S
+        return None, "stopped by a signal to pp1 run" if target == "launcher" else "SIGTERM during", FAIL_S
     return 0, "pp1 run: ok", DRAIN_S
 
 
@@ -142,7 +146,7 @@ def _fault_drills() -> list[Drill]:
     ]
     out += [Drill(f, w, 2, "PP1_FAULT", REFUSE_S, fault=f, when="start") for f, w in refused]
     out.append(Drill("rank=1,at=relayed:999,do=kill", "a point a 5-chunk run never reaches", 0, "pp1 run: ok",
-                     REFUSE_S, fault="rank=1,at=relayed:999,do=kill", when="start", chunks=5, printed="never fired"))
+                     RUN_S, fault="rank=1,at=relayed:999,do=kill", when="start", chunks=5, printed="never fired"))
     return out
 
 
@@ -264,6 +268,9 @@ class DrillResult:
             out.append(f"never printed {d.printed!r}")
         if d.code == 2 and set(self.seen) - {"launcher"}:
             out.append(f"refused, yet started {sorted(set(self.seen) - {'launcher'})}")
+        ranks = self.ranks_gone_s()
+        if d.ranks_bound_s is not None and (ranks is None or ranks > d.ranks_bound_s + slack_s):
+            out.append(f"ranks gone after {ranks} s > {d.ranks_bound_s + slack_s:g} s")
         if self.leftovers:
             out.append(f"left alive: {self.leftovers}")
         elif self.gone_s is not None and self.gone_s > d.bound_s + slack_s:

@@ -327,6 +327,8 @@ def launch(
     if not ok and code is not None and code < 0 and not (sup.asked_to_stop or sup.timed_out):
         # torchrun itself was killed (not by us): the root cause; its ranks followed it (their parent died)
         rank, failure = None, f"torchrun {_how(code)}: every rank ended with it (no orphan)"
+    if not ok and sup.asked_to_stop and not sup.timed_out:  # a stop inside the startup collectives fails the job
+        failure = "stopped by a signal to pp1 run" + (f"; {failure}" if failure else "")
     if not ok and sup.timed_out:
         failure = f"the job ran past --timeout-s {opts.timeout_s:g}" + (f"; {failure}" if failure else "")
     if not ok and failure is None:
