@@ -185,19 +185,32 @@ def legend() -> str:
             f"the issue's bounds, without slack.")
 
 
+BEGIN, END = "<!-- fault table: generated -->", "<!-- end of the fault table -->"
+
+
+def write_md(path: Path, text: str) -> None:
+    """``text`` into ``path``: between its BEGIN and END markers when it has them, else the whole file."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        text = f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}"
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--case", action="append", choices=CASES, metavar="NAME",
                    help="a case (default: all): " + ", ".join(CASES))
     p.add_argument("--json", default=None, help="append every run's record here (JSON lines)")
-    p.add_argument("--md", default=None, help="also write the table, its legend and the machine here")
+    p.add_argument("--md", default=None, help="also write the table, its legend and the machine here (between "
+                   f"{BEGIN} and {END} when the file has them: the rest is kept)")
     args = p.parse_args(argv)
     rows = run_table(args.case or CASES, args.runs, args.json)
     table = markdown(rows)
     print(table)
     if args.md:
-        Path(args.md).write_text(f"{table}\n\n{legend()}\n\nMeasured on: {machine(rows)}.\n")
+        write_md(Path(args.md), f"{table}\n\n{legend()}\n\nMeasured on: {machine(rows)}.\n")
     return 0 if all(r.ok == r.runs for r in rows) else 1
 
 

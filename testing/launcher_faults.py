@@ -111,6 +111,8 @@ def _expect(target: str, sig: int, moment: str) -> tuple[int | None, str, float]
             return None, "torchrun killed by SIGKILL", FAIL_S
         return None, f"rank {RANK_OF[target]} ({target})", FAIL_S
     if moment == "loading":  # a signal inside the startup collectives fails the job at once (it cannot drain)
+        if target in RANK_OF:
+            return None, f"rank {RANK_OF[target]} ({target}): SIGTERM during", FAIL_S
         return None, "stopped by a signal to pp1 run" if target == "launcher" else "SIGTERM during", FAIL_S
     return 0, "pp1 run: ok", DRAIN_S
 
