@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -48,14 +49,44 @@ CASES = [*DRILLS, *SCENARIOS]
 
 @dataclass
 class Outcome:
-    """One run of a case."""
+    """One run of a case, from its record (a run's JSON line: the table can be rebuilt from saved runs)."""
 
-    record: dict[str, Any]
     code: str  # the launcher's exit code (local job: front/leader/worker)
     gone_s: float | None  # injection -> every process of the job gone
     ranks_s: float | None  # injection -> every rank gone
     cause: str
     ok: bool
+    load: float
+
+    @classmethod
+    def of(cls, rec: dict[str, Any]) -> Outcome:
+        ok, load = not rec.get("problems"), float(rec.get("load") or 0.0)
+        if "drill" in rec:
+            per = rec.get("per_process_s") or {}
+            ranks = [t for kind, t in per.items() if kind.startswith("rank")]
+            return cls(str(rec["code"]), rec.get("gone_s"), max(ranks) if ranks and not rec.get("leftovers") else None,
+                       _drill_cause(rec), ok, load)
+        codes = {int(r): c for r, c in rec["codes"].items()}
+        detect = list((rec.get("detect_s") or {}).values())
+        gone = max(detect) if detect and None not in codes.values() else None
+        return cls("/".join(str(codes[r]) for r in sorted(codes)), gone, gone, rec.get("cause") or "-", ok, load)
+
+
+def _drill_cause(rec: dict[str, Any]) -> str:
+    """The cause named on pp1 run's last line, without what changes from run to run (times, ports)."""
+    line = str(rec.get("last_line") or "")
+    if not line.startswith(("pp1 run: ok", "pp1 run: FAILED", "pp1 run: invalid")):
+        exits = rec.get("rank_exits") or {}
+        codes = ", ".join(f"{k} {v}" for k, v in sorted(exits.items()))
+        return f"no last line (pp1 run was killed); the ranks' own exits: {codes or 'none seen'}"
+    return _quiet(re.sub(r"^ok \([\d.]+ s\)", "ok", line.removeprefix("pp1 run: ")))
+
+
+def _quiet(cause: str) -> str:
+    """gloo's words without what differs between runs (ports) or says nothing (its source path, its advice)."""
+    cause = re.sub(r"\[/[^\]]*gloo[^\]]*\] ", "", cause)
+    cause = re.sub(r"\. This is typically caused by.*?GLHF!\s*\S*", "", cause)
+    return re.sub(r"\]:\d+", "]:PORT", cause)
 
 
 @dataclass
@@ -71,54 +102,67 @@ class Row:
     runs: int = 0
     ok: int = 0
 
+    def add(self, out: Outcome) -> None:
+        self.runs += 1
+        self.ok += out.ok
+        self.codes[out.code] += 1
+        self.causes[out.cause] += 1
+        self.loads.append(out.load)
+        if out.gone_s is not None:
+            self.gone_s.append(out.gone_s)
+        if out.ranks_s is not None:
+            self.ranks_s.append(out.ranks_s)
 
-def _drill_run(name: str, i: int) -> Outcome:
-    """One run of a pp1 run drill."""
-    d = DRILLS[name]
-    res = run_drill(d, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-drill-{i}-")))
-    cause = res.last_line.removeprefix("pp1 run: ") if res.last_line.startswith("pp1 run:") else "(no last line)"
-    return Outcome(res.record(), str(res.code), res.gone_s, res.ranks_gone_s(), cause, not res.problems())
+
+def _drill_run(name: str, i: int) -> dict[str, Any]:
+    """One run of a pp1 run drill: its record."""
+    return run_drill(DRILLS[name], workdir=Path(tempfile.mkdtemp(prefix=f"pp1-drill-{i}-"))).record()
 
 
-def _scenario_run(name: str, i: int) -> Outcome:
-    """One run of a local-job scenario: the cause as the launcher would name it."""
+def _scenario_run(name: str, i: int) -> dict[str, Any]:
+    """One run of a local-job scenario: its record, with the cause as the launcher would name it."""
     sc = SCENARIOS[name]
     res = run_scenario(sc, workdir=Path(tempfile.mkdtemp(prefix=f"pp1-{name}-{i}-")))
-    events = [e for r in range(sc.world) for e in res.job.events(r)]
-    _rank, why = root_failure(events)
-    codes = "/".join(str(res.codes[r]) for r in sorted(res.codes))
-    gone = max(res.detect_s.values()) if res.detect_s and None not in res.codes.values() else None
-    rec = {**res.record(), "load": os.getloadavg()[0]}
-    return Outcome(rec, codes, gone, gone, why or "ok (every rank exited 0)", not res.problems())
+    codes = [f"exitcode: {rp.exit_code} (pid: {rp.popen.pid})" for rp in res.job.procs if rp.exit_code is not None]
+    _rank, why = root_failure([e for r in range(sc.world) for e in res.job.events(r)], codes)  # as torchrun reports
+    why = _quiet(why) if why else "ok (every rank exited 0)"
+    return {**res.record(), "cause": why, "load": os.getloadavg()[0]}
+
+
+def _row(name: str) -> Row:
+    drill = DRILLS.get(name)
+    if drill is not None:
+        return Row(name, _drill_what(drill), drill.expect)
+    return Row(name, WHAT.get(name, name), _scenario_expect(name))
 
 
 def run_table(names: list[str], runs: int, json_path: str | None = None) -> list[Row]:
     rows = []
     for name in names:
-        drill = DRILLS.get(name)
-        if drill is not None:
-            row = Row(name, _drill_what(drill), drill.expect)
-        else:
-            row = Row(name, WHAT.get(name, name), _scenario_expect(name))
+        row = _row(name)
         for i in range(runs):
-            out = (_drill_run if drill else _scenario_run)(name, i)
-            row.runs += 1
-            row.ok += out.ok
-            row.codes[out.code] += 1
-            row.causes[out.cause] += 1
-            row.loads.append(float(out.record.get("load") or 0.0))
-            if out.gone_s is not None:
-                row.gone_s.append(out.gone_s)
-            if out.ranks_s is not None:
-                row.ranks_s.append(out.ranks_s)
+            rec = {"case": name, "run": i, **(_drill_run if name in DRILLS else _scenario_run)(name, i)}
+            out = Outcome.of(rec)
+            row.add(out)
             if json_path:
                 with open(json_path, "a") as f:
-                    f.write(json.dumps({"case": name, "run": i, **out.record}, default=str) + "\n")
+                    f.write(json.dumps(rec, default=str) + "\n")
             print(f"{name} run {i + 1}/{runs}: exit {out.code} ranks gone {out.ranks_s} all gone {out.gone_s} "
-                  f"ok={out.ok} {out.cause[:150]}{'' if out.ok else ' PROBLEMS: ' + str(out.record.get('problems'))}",
+                  f"ok={out.ok} {out.cause[:150]}{'' if out.ok else ' PROBLEMS: ' + str(rec.get('problems'))}",
                   file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def rows_from_json(paths: list[str], names: list[str]) -> list[Row]:
+    """The table of saved runs (JSON lines of ``--json``), in the order of ``names``."""
+    rows = {name: _row(name) for name in names}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("case") in rows:
+                rows[rec["case"]].add(Outcome.of(rec))
+    return [row for row in rows.values() if row.runs]
 
 
 def _drill_what(d: launcher_faults.Drill) -> str:
@@ -152,7 +196,7 @@ def markdown(rows: list[Row]) -> str:
         gone, ranks = _times(row.gone_s, row.runs), _times(row.ranks_s, row.runs)
         cause, n = row.causes.most_common(1)[0] if row.causes else ("-", 0)
         others = row.runs - n
-        cause_cell = _cell(cause) + (f" (and {others} other)" if others else "")
+        cause_cell = _cell(cause, 230) + (f" (and {others} other)" if others else "")
         lines.append(f"| {row.name} | {_cell(row.what, 200)} | {row.expect} | {codes} | {ranks} | {gone} | {cause_cell} "
                      f"| {row.ok}/{row.runs} |")
     return "\n".join(lines)
@@ -205,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="append every run's record here (JSON lines)")
     p.add_argument("--md", default=None, help="also write the table, its legend and the machine here (between "
                    f"{BEGIN} and {END} when the file has them: the rest is kept)")
+    p.add_argument("--from-json", action="append", default=[], metavar="PATH",
+                   help="build the table from saved runs (--json files) instead of running anything")
     args = p.parse_args(argv)
-    rows = run_table(args.case or CASES, args.runs, args.json)
+    if args.from_json:
+        rows = rows_from_json(args.from_json, args.case or CASES)
+    else:
+        rows = run_table(args.case or CASES, args.runs, args.json)
     table = markdown(rows)
     print(table)
     if args.md:
