@@ -1,3 +1,3 @@
-from pp1.cli import main
+from pp1.cli import entry
 
-raise SystemExit(main())
+entry()

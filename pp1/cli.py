@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # name -> (module, one-line help). Each module has add_arguments(parser) and main(args) -> int.
@@ -40,5 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._main(args) or 0)
 
 
+def entry() -> None:
+    """The program (console script, ``python -m pp1``): main, then out at once. Everything was printed and
+    closed; the interpreter's own teardown of torch takes seconds on a busy host, and a job's launcher must
+    be gone with its job (the fault drills time every process of the job)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

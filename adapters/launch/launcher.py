@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pp1.adapters.rank import options
+from pp1.adapters.rank.faults import ENV_FAULT, parse_faults
 from pp1.adapters.rank.observe import parse_event
 from pp1.adapters.rank.options import InvalidOption
 from pp1.fsm.base import FailureCause
@@ -71,6 +72,7 @@ def check_options(opts: LaunchOptions) -> None:
     )
 
     options.check(opts, options.RUN)
+    check_faults({**os.environ, **opts.env}.get(ENV_FAULT), opts.nproc)
     try:
         factory = load_factory(opts.pipeline, opts.pipeline_options)
     except PipelineLoadError as exc:
@@ -103,6 +105,18 @@ def check_options(opts: LaunchOptions) -> None:
     if opts.device == "cpu" and opts.nproc > MAX_CPU_PROCESSES:
         raise InvalidOption("--tp", f"{opts.nproc} processes on the CPU: at most {MAX_CPU_PROCESSES} (each rank is "
                             "a process with its own copy of the runtime)")
+
+def check_faults(spec: str | None, nproc: int) -> None:
+    """A fault drill that cannot fire as written (``PP1_FAULT``: an unknown point or action, a rank the job
+    does not have) is refused before any process starts: a mistyped fault must not pass a drill silently."""
+    try:
+        planned = parse_faults(spec)
+    except ValueError as exc:
+        raise InvalidOption(ENV_FAULT, str(exc).removeprefix(f"{ENV_FAULT}: ")) from None
+    for fault in planned:
+        if not 0 <= fault.rank < nproc:
+            raise InvalidOption(ENV_FAULT, f"{fault}: the job has ranks 0..{nproc - 1}")
+
 
 @dataclass
 class RunReport:
@@ -186,6 +200,7 @@ class Supervised:
     asked_to_stop: bool
     wall_s: float
     exit_lines: list[str] = field(default_factory=list)  # torchrun's own report of the workers' exit codes
+    timed_out: bool = False  # the launcher ended it at its bound (--timeout-s)
 
 
 def supervise(
@@ -207,7 +222,7 @@ def supervise(
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_term_with_parent())
     events: list[dict[str, Any]] = []
     tail: collections.deque[str] = collections.deque(maxlen=80)
     exit_lines: list[str] = []
@@ -231,7 +246,7 @@ def supervise(
     rd = threading.Thread(target=reader, daemon=True)
     rd.start()
     deadline = math.inf if timeout_s is None else t0 + timeout_s
-    asked_to_stop = False
+    asked_to_stop = timed_out = False
     try:
         while proc.poll() is None:
             if stop is not None and stop.is_set() and not asked_to_stop:
@@ -239,6 +254,7 @@ def supervise(
                 _signal_group(proc, signal.SIGTERM)
                 deadline = min(deadline, time.monotonic() + stop_bound_s)
             if time.monotonic() > deadline:
+                timed_out = True
                 tail.append(f"launcher: job still running after its bound ({timeout_s} s): killing it")
                 _signal_group(proc, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -251,7 +267,30 @@ def supervise(
             proc.wait(10)
         rd.join(5)
         _kill_leftovers(events)
-    return Supervised(proc.returncode, events, list(tail), asked_to_stop, time.monotonic() - t0, exit_lines)
+    return Supervised(proc.returncode, events, list(tail), asked_to_stop, time.monotonic() - t0, exit_lines, timed_out)
+
+
+def _term_with_parent() -> Callable[[], None] | None:
+    """torchrun's pre-exec step: SIGTERM when its parent (this launcher) dies, even by SIGKILL, so the job
+    drains instead of running on unseen (its ranks watch torchrun in turn). Linux only (prctl); None elsewhere.
+    The launcher's thread that starts torchrun waits for it (``supervise``), so the signal means the launcher."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def pre_exec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return pre_exec
 
 
 def _kill_leftovers(events: list[dict[str, Any]]) -> None:
@@ -282,13 +321,22 @@ def launch(
         report = json.load(f)
     rank, failure = root_failure(events, sup.exit_lines)
     exits = [e for e in events if e.get("event") == "exit"]
-    # torchrun exits non-zero when it forwarded our SIGTERM; the ranks' own exits tell the truth
-    drained = sup.asked_to_stop and len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)
+    # torchrun exits non-zero when it forwarded a SIGTERM (ours, or anyone's: a drain of the job); the ranks'
+    # own exits tell the truth
+    drained = len(exits) == opts.nproc and all(e.get("code") == 0 for e in exits)
     ok = (code == 0 or drained) and bool(report.get("ok")) and failure is None
+    if not ok and code is not None and code < 0 and not (sup.asked_to_stop or sup.timed_out):
+        # torchrun itself was killed (not by us): the root cause; its ranks followed it (their parent died)
+        rank, failure = None, f"torchrun {_how(code)}: every rank ended with it (no orphan)"
+    if not ok and sup.asked_to_stop and not sup.timed_out:  # a stop inside the startup collectives fails the job
+        failure = "stopped by a signal to pp1 run" + (f"; {failure}" if failure else "")
+    if not ok and sup.timed_out:
+        failure = f"the job ran past --timeout-s {opts.timeout_s:g}" + (f"; {failure}" if failure else "")
     if not ok and failure is None:
         failure = report.get("reason") or f"torchrun exited {code}"
+    exit_code = 0 if ok else (128 - code if code is not None and code < 0 else code or 1)  # -N: killed by N
     return RunReport(
-        ok=ok, exit_code=0 if ok else (code or 1), wall_s=sup.wall_s,
+        ok=ok, exit_code=exit_code, wall_s=sup.wall_s,
         chunks=report.get("chunks", []), summary=report.get("summary", {}), startup_s=report.get("startup_s"),
         warmup_ms=report.get("warmup_ms", []), failure=None if ok else failure, failing_rank=None if ok else rank,
         events=events, log_tail=sup.tail, report=report,

@@ -85,7 +85,9 @@ def serve_job(opts: ServeOptions, on_event: Callable[[dict[str, Any]], None] | N
     exits = [e for e in sup.events if e.get("event") == "exit"]
     attempts = {e.get("attempt", 0) for e in exits} or {0}
     last = max(attempts)
-    drained = sup.asked_to_stop and exits and all(e.get("code") == 0 for e in exits if e.get("attempt", 0) == last)
+    # a SIGTERM to the launcher or to torchrun drains the job (torchrun then exits non-zero): the ranks' exits tell
+    last_exits = [e for e in exits if e.get("attempt", 0) == last]
+    drained = len(last_exits) == opts.local_nproc() and all(e.get("code") == 0 for e in last_exits)
     if sup.code == 0 or drained:
         return 0
     if not sup.asked_to_stop:

@@ -63,8 +63,19 @@ def emit_event(event: str, **fields: Any) -> None:
     """One ``PP1-EVENT`` line on stdout (flushed), for the launcher."""
     payload = {"event": event, "rank": CTX.rank, "role": CTX.role, "t": time.time(), "pid": os.getpid(),
                "attempt": ATTEMPT, **fields}
-    sys.stdout.write(EVENT_PREFIX + json.dumps(payload, default=str) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(EVENT_PREFIX + json.dumps(payload, default=str) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # the launcher reading the events is gone (killed): the rank goes on
+        _silence_stdout()  # to its drain or exit; no later event (nor the exit's flush) may raise instead
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null (file descriptor and Python object) once its reader is gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno() if not sys.stdout.closed else 1)
+    os.close(devnull)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces the broken stream for the process's life
 
 
 def parse_event(line: str) -> dict[str, Any] | None:

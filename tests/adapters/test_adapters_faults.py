@@ -61,3 +61,22 @@ def test_plan_fires_only_its_rank_and_only_once(tmp_path, monkeypatch) -> None:
 def test_record_is_a_no_op_without_the_env(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("PP1_FAULT_TIMES", raising=False)
     record("exit", rank=0)  # nothing to write, no error
+
+
+@pytest.mark.timeout(60)
+def test_events_to_a_gone_launcher_neither_raise_nor_stop_the_exit(tmp_path) -> None:
+    """The launcher reading a rank's events was killed: emitting goes on silently, the exit path still ends
+    the process with its own code (it used to raise BrokenPipeError before os._exit)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "from pp1.adapters.rank.observe import emit_event\n"
+            "time.sleep(0.5)\n"  # the reader closes its end meanwhile
+            "for i in range(3): emit_event('chunk', chunk_index=i)\n"
+            "sys.stderr.write('still here\\n'); sys.stderr.flush(); os._exit(7)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _out, err = proc.communicate(timeout=50)
+    assert proc.returncode == 7 and b"still here" in err, err.decode()

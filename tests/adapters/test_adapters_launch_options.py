@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_options
+from pp1.adapters.launch.launcher import InvalidOption, LaunchOptions, check_faults, check_options
 
 
 def test_defaults_are_valid() -> None:
@@ -53,3 +53,22 @@ def test_pp1_run_refuses_before_launching(tmp_path) -> None:
                           timeout=50, cwd=tmp_path)
     assert proc.returncode == 2
     assert "invalid option --preset" in proc.stderr and "torchrun" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("rank=1,at=chunck:3,do=kill", "unknown point"),
+    ("rank=1,at=chunk:3,do=explode", "unknown action"),
+    ("rank=3,at=load,do=fail", "the job has ranks 0..2"),
+    ("rank=1,at=load", "needs rank=, at= and do="),
+])
+def test_a_fault_drill_that_cannot_fire_is_refused_naming_pp1_fault(spec: str, words: str) -> None:
+    with pytest.raises(InvalidOption) as exc:
+        check_faults(spec, 3)
+    assert exc.value.option == "PP1_FAULT" and words in exc.value.reason
+    with pytest.raises(InvalidOption, match="PP1_FAULT"):
+        check_options(LaunchOptions(tp=2, env={"PP1_FAULT": spec}))
+
+
+def test_a_fault_drill_that_can_fire_passes() -> None:
+    check_faults("rank=2,at=chunk:3,do=stall:5;rank=0,at=ready,do=kill", 3)
+    check_faults(None, 3)
