@@ -44,13 +44,16 @@ FAIL = "fail"  # the event that leads to FAILED from every non-terminal state
 class FailureCause:
     """Why a machine failed: which rank, in which state (phase), why, and whose fault. ``kind``: local
     (this rank broke the protocol or its own work failed) or remote (a peer did); ``blame``: the peer's
-    global rank when remote and known (the leader a front lost, the front a leader's watchdog missed)."""
+    global rank when remote and known (the leader a front lost, the front a leader's watchdog missed).
+    ``lingered``: the rank was ended by a signal after another rank had failed (torchrun's teardown): it was
+    still running, stuck or waiting on the failed peer; ``fsm.blame`` weighs it below every other local cause."""
 
     rank: int
     phase: str
     reason: str
     kind: ErrorKind
     blame: int | None = None
+    lingered: bool = False
 
     def __str__(self) -> str:
         whose = f"remote: rank {self.blame}" if self.kind == "remote" and self.blame is not None else self.kind

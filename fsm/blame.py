@@ -7,7 +7,9 @@ that noticed. The rules, in order:
 1. A rank that died without a word (killed, crashed before it could report) is the root: whatever the
    others saw followed from it.
 2. Else a local cause (a rank whose own work failed, or that broke the protocol itself), with what a
-   peer that blames it saw (a stalled rank's own cause may only say its drain ran out).
+   peer that blames it saw (a stalled rank's own cause may only say its drain ran out). A rank that
+   *lingered* (signalled in torchrun's teardown after another rank failed: stuck, or waiting on the
+   failed one) comes after every other local cause: alone, it is the stalled rank.
 3. Else a remote cause that names the peer at fault (``FailureCause.blame``): that peer is blamed, with
    the reporter's account.
 4. Else any remote cause (a peer, not known which).
@@ -59,4 +61,16 @@ def root_cause(reports: Mapping[int, FailureCause], silent: Mapping[int, str] | 
 
 
 def _order(c: FailureCause) -> tuple[int, int]:
-    return (0 if c.kind == "local" else 1, c.rank)
+    return (0 if c.kind == "local" and not c.lingered else 1 if c.kind == "local" else 2, c.rank)
+
+
+def unreported_cause(rank: int, phase: str, reason: str, failed_peer: int | None = None) -> FailureCause:
+    """The cause of a rank that exits non-zero without a machine's cause: its own (local). When it was ended
+    by a signal after ``failed_peer`` had failed, it *lingered*: still in ``phase`` while the job was torn
+    down, either stalled itself (the root: nobody else can say so) or waiting on a peer that failed (an
+    echo, which a genuine local cause outranks)."""
+    if failed_peer is not None:
+        return FailureCause(rank=rank, phase=phase, kind="local", lingered=True,
+                            reason=f"still in {phase} after rank {failed_peer} failed ({reason}): stalled, or "
+                                   f"waiting on a failed peer")
+    return FailureCause(rank=rank, phase=phase, reason=reason, kind="local")

@@ -290,16 +290,24 @@ class LifecycleMachine(ProtocolMachine):
         """Warmed up and serving (not draining, not ended)."""
         return self.state == SERVING
 
-    def signal_verdict(self) -> SignalVerdict:
+    def signal_verdict(self, job_failed: bool = False) -> SignalVerdict:
         """What a signal (SIGTERM / Ctrl-C) means in this state, without changing it (the signal handler
         runs on another thread than the role's loop). ``drain`` from the channels' warm-up on: the role's
         machine is asked to end in order (a request before serving is kept and applied once it serves:
         never lost) and moves the lifecycle to draining itself; ``ignore`` while already draining or
         ended (the drain is bounded); ``fail`` inside the startup collectives (init .. barrier: the job
-        cannot drain yet; the rank fails at once and the launcher ends the rest)."""
+        cannot drain yet; the rank fails at once and the launcher ends the rest).
+
+        ``job_failed``: another rank of the job is known to have failed (the job's store says so; torchrun
+        tears a failed job down with SIGTERM). A drain could not finish (SHUTDOWN goes through every rank):
+        ``fail`` at once, also while draining, rather than wait out the drain's bound."""
+        if self.is_terminal:
+            return "ignore"
+        if job_failed:
+            return "fail"
         if self.state in (WARMING_CHANNELS, WARMUP, SERVING):
             return "drain"
-        if self.state == DRAINING or self.is_terminal:
+        if self.state == DRAINING:
             return "ignore"
         return "fail"
 

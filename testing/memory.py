@@ -695,6 +695,14 @@ class MemoryBoard:
     def drain_requested(self) -> int | None:
         return self.job.drain_rank
 
+    def failed_rank(self) -> int | None:
+        """Another rank that failed (its lifecycle says so, or it exited non-zero): the store as the Exiter
+        leaves it."""
+        for r in self.job.ranks:
+            if r.rank != self.rank and (r.lifecycle.state == "failed" or r.code not in (None, 0)):
+                return r.rank
+        return None
+
 
 class MemoryRank:
     """One rank's process: its lifecycle, its startup executor, then its role's executor, built as
@@ -856,7 +864,8 @@ class MemoryRank:
         if not self.alive:
             return "dead"
         t = self.job.transport
-        verdict = self.lifecycle.signal_verdict()
+        failed = self.ctx.progress.failed_rank() if self.ctx.progress is not None else None
+        verdict = self.lifecycle.signal_verdict(job_failed=failed is not None)
         if verdict == "drain" and self.drain_deadline is None:
             self.ctx.request_drain(t.now)
             deadline_s = self.engine.machine.chunk.deadline_s() if self.engine is not None else None

@@ -45,6 +45,7 @@ class ProgressBoard:
         self._store: Any = None
         self._lock = threading.Lock()
         self.latest: dict[str, Any] = {}
+        self._written = threading.Event()  # the newest entry is in the store (nothing queued after it)
         self._thread = threading.Thread(target=self._publish_loop, name="pp1-progress", daemon=True)
         if self.port and env.get("PP1_PROGRESS", "1") != "0":
             self._thread.start()
@@ -53,6 +54,7 @@ class ProgressBoard:
     def publish(self, **entry: Any) -> None:
         """Record this rank's progress (``role``, ``state``, ``cause``, ...); never blocks."""
         self.latest = {"rank": self.rank, "t": time.time(), **self.latest, **entry}
+        self._written.clear()
         self._queue.put(dict(self.latest))
 
     def close(self) -> None:
@@ -78,6 +80,8 @@ class ProgressBoard:
                 store.set(_key(self.attempt, self.rank), json.dumps(item, default=str))
             except Exception as exc:  # best effort: progress is for people, not for the protocol
                 log.debug("progress not published: %s", exc)
+            if self._queue.empty():
+                self._written.set()
 
     def _connect(self) -> Any:
         if self._store is not None:
@@ -100,6 +104,19 @@ class ProgressBoard:
     def request_drain(self) -> None:
         """This rank was asked to drain (SIGTERM): the front drains the whole job once it reads it."""
         self.publish(drain=True)
+
+    def failed_rank(self) -> int | None:
+        """Another rank whose entry says it failed (None: none known), read now: a signal to a rank of a
+        failed job fails it at once (``LifecycleMachine.signal_verdict``)."""
+        for entry in self.snapshot():
+            if entry and entry.get("state") == "failed" and int(entry.get("rank", -1)) != self.rank:
+                return int(entry["rank"])
+        return None
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until what was published last is in the store (False: not within ``timeout_s``): a rank
+        about to exit leaves its final state for the others to read."""
+        return self._written.wait(timeout_s) if self._thread.is_alive() else False
 
     def drain_requested(self) -> int | None:
         """The rank of a drain request on the board (None: none), read by the front."""

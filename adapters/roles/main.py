@@ -12,6 +12,7 @@ executor, and its bound is the lifecycle's rule (``drain_bound_s``). Non-zero ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from pp1.adapters.roles.context import RankContext
 from pp1.adapters.transport.communicator import MeshCommunicator
 from pp1.adapters.transport.runtime import DistributedRuntime
 from pp1.fsm.base import FailureCause, ProtocolMachine
+from pp1.fsm.blame import unreported_cause
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.fsm.lifecycle import drain_bound_s, make_lifecycle
 from pp1.pipelines.checksum import checksum
@@ -96,37 +98,50 @@ def run_role(ctx: RankContext) -> int:
 
 class Exiter:
     """Ends the process exactly once: record, flush, bounded teardown on an orderly exit, os._exit. The exit
-    event carries the rank's failure cause (structured: the launcher finds the root cause from them)."""
+    event carries the rank's failure cause (structured: the launcher finds the root cause from them); a
+    failing rank's last state goes to the job's store (at most ``BOARD_FLUSH_S``)."""
+
+    BOARD_FLUSH_S = 0.5
 
     def __init__(self, rt: DistributedRuntime | None, teardown_s: float,
                  cause: Callable[[], FailureCause | None] = lambda: None,
                  phase: Callable[[], str] = lambda: "?") -> None:
         self.rt, self.teardown_s, self.cause, self.phase = rt, teardown_s, cause, phase
         self.faults: FaultPlan | None = None
+        self.board: ProgressBoard | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, code: int, reason: str, crash: bool) -> None:
+    def __call__(self, code: int, reason: str, crash: bool, failed_peer: int | None = None) -> None:
+        """``failed_peer``: the rank ends because that rank of the job had already failed."""
         with self._lock:
-            role = self.rt.role if self.rt else "?"
-            rank = self.rt.rank if self.rt else -1
-            (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
-            record("exit", rank=rank, role=role, code=code, reason=reason[:300])
-            emit_peak_memory(self.rt.device if self.rt else None)
-            if self.faults is not None and self.faults.unfired():
-                log.warning("faults that never fired: %s", self.faults.unfired())
-                emit_event("fault_unfired", faults=self.faults.unfired())
-            c = self.cause()
-            if c is None and code != EXIT_OK:  # no machine saw it (a bug, an error outside a step): its own fault
-                c = FailureCause(rank=rank, phase=self.phase(), reason=reason, kind="local")
-            emit_event("exit", code=code, reason=reason[:500],
-                       cause=None if c is None else {"rank": c.rank, "phase": c.phase, "reason": c.reason[:500],
-                                                     "kind": c.kind, "blame": c.blame})
-            if code == EXIT_OK and not crash and self.rt is not None:
-                self.rt.teardown(self.teardown_s)
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                role = self.rt.role if self.rt else "?"
+                rank = self.rt.rank if self.rt else -1
+                (log.info if code == EXIT_OK else log.error)("exit %d: %s", code, reason)
+                record("exit", rank=rank, role=role, code=code, reason=reason[:300])
+                emit_peak_memory(self.rt.device if self.rt else None)
+                if self.faults is not None and self.faults.unfired():
+                    log.warning("faults that never fired: %s", self.faults.unfired())
+                    emit_event("fault_unfired", faults=self.faults.unfired())
+                c = self.cause()
+                if c is None and code != EXIT_OK:  # no machine saw it (a bug, an error outside a step, a signal)
+                    c = unreported_cause(rank, self.phase(), reason, failed_peer)
+                cause = None if c is None else {"rank": c.rank, "phase": c.phase, "reason": c.reason[:500],
+                                                "kind": c.kind, "blame": c.blame, "lingered": c.lingered}
+                emit_event("exit", code=code, reason=reason[:500], cause=cause)
+                if code != EXIT_OK and self.board is not None:  # the others read it when torchrun signals them
+                    self.board.publish(state="failed", cause=cause)
+                    self.board.flush(self.BOARD_FLUSH_S)
+                if code == EXIT_OK and not crash and self.rt is not None:
+                    self.rt.teardown(self.teardown_s)
+            except BaseException:  # the exit path itself must never keep the process alive
+                log.exception("error on the exit path (exit %d still follows)", code)
+            finally:
+                with contextlib.suppress(BaseException):
+                    logging.shutdown()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
 
 
 def _observe(faults: FaultPlan, board: ProgressBoard, role: str,
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
     monitor = LivenessMonitor(rank, rt.world_size, rt.device_waits, board,
                               on_exit=lambda code, reason: exiter(code, reason, crash=True), role=rt.role)
     exiter = Exiter(rt, opts.teardown_s, cause=lambda: lc.failure or monitor.failure, phase=lambda: lc.state)
-    exiter.faults = faults
+    exiter.faults, exiter.board = faults, board
     _watch_parent(exiter)
     board.publish(role=rt.role, state=lc.state, pid=os.getpid())
     monitor.start()  # device ops whose peer died or stalled end within seconds
@@ -221,7 +236,8 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        verdict = lc.signal_verdict()
+        failed = board.failed_rank()
+        verdict = lc.signal_verdict(job_failed=failed is not None)
         if verdict == "drain" and not drain_deadline:
             log.warning("%s: draining", name)
             ctx.request_drain(time.monotonic())
@@ -233,8 +249,9 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
                     deadline_s = 30.0
             drain_deadline.append(time.monotonic() + drain_bound_s(cfg, rt.hosts_front, deadline_s))
         elif verdict == "fail":
-            log.error("%s during %s: failing this rank", name, lc.state)
-            exiter(EXIT_FAILED, f"{name} during {lc.state}", crash=True)
+            log.error("%s during %s: failing this rank%s", name, lc.state,
+                      "" if failed is None else f" (rank {failed} of the job failed: no drain can finish)")
+            exiter(EXIT_FAILED, f"{name} during {lc.state}", crash=True, failed_peer=failed)
         else:
             log.warning("%s again while %s: ignored (the drain is bounded)", name, lc.state)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pp1.fsm.base import FailureCause
-from pp1.fsm.blame import root_cause
+from pp1.fsm.blame import root_cause, unreported_cause
 
 ROLES = {0: "front", 1: "leader", 2: "worker"}
 
@@ -40,3 +40,20 @@ def test_a_remote_cause_without_a_name_is_still_reported() -> None:
     c = remote(2, None, "a mesh peer was lost")
     assert root_cause({2: c}) is c
     assert c.at_fault is None and remote(0, 1).at_fault == 1
+
+
+def test_a_rank_that_lingered_in_the_teardown_is_the_stalled_one_unless_a_rank_failed_on_its_own() -> None:
+    """torchrun's SIGTERM to the rest of a failed job: a rank still running then lingered. Alone among the
+    local causes it is the stalled rank (the others' watchdogs blame a peer); beside a genuine local cause
+    (a shard that raised) it is an echo."""
+    lingered = unreported_cause(2, "serving", "SIGTERM during serving", failed_peer=0)
+    assert lingered.kind == "local" and lingered.lingered and "after rank 0 failed" in lingered.reason
+    assert not unreported_cause(1, "serving", "boom").lingered
+    # the worker stalled: the front blames the leader (its only peer), the leader a TP wait (no peer)
+    root = root_cause({0: remote(0, 1, "no result within the deadline"), 1: remote(1, None, "timed out"),
+                       2: lingered}, roles=ROLES)
+    assert root is not None and root.rank == 2 and root.lingered
+    # the leader raised: the worker, signalled before its watchdog, lingered
+    genuine = FailureCause(rank=1, phase="serving", reason="shard failed: boom", kind="local")
+    root = root_cause({0: remote(0, 1), 1: genuine, 2: lingered}, roles=ROLES)
+    assert root is not None and root.rank == 1 and root.reason.startswith("shard failed: boom")

@@ -143,6 +143,18 @@ def test_signal_verdict_per_state(role: str) -> None:
     assert m.signal_verdict() == "ignore"
 
 
+@pytest.mark.parametrize("role", ["front", "leader", "worker", "tp_rank0"])
+def test_a_signal_to_a_failed_job_fails_at_once(role: str) -> None:
+    """Another rank failed (torchrun tears the job down with SIGTERM): no drain could finish, so a signal
+    fails the rank in every state but the terminal ones, draining included."""
+    events, _ = NORMAL_RUNS[role]
+    m = make_lifecycle(role, 1)
+    for e in events:
+        assert m.signal_verdict(job_failed=True) == "fail", m.state
+        m.fire(e)
+    assert m.signal_verdict(job_failed=True) == "ignore"
+
+
 def test_drain_bounds() -> None:
     from pp1.fsm.lifecycle import MESH_DRAIN_S, drain_bound_s
 

@@ -188,8 +188,10 @@ class Cluster:
         self.trace.append(f"signal r{rank} in {state}: {verdict}")
         # main.py's policy: drain from the channels' warm-up on (kept until serving), ignore while draining or
         # ended, fail inside the startup collectives
-        want = ("drain" if state in ("warming_channels", "warmup", "serving")
-                else "ignored" if state in ("draining", "shutdown", "failed") else "fail")
+        job_failed = any(q is not p and (q.lifecycle.state == "failed" or q.code not in (None, 0)) for q in self.procs)
+        want = ("ignored" if state in ("shutdown", "failed") else "fail" if job_failed  # no drain can finish
+                else "drain" if state in ("warming_channels", "warmup", "serving")
+                else "ignored" if state == "draining" else "fail")
         if want == "drain" and draining_already:
             want = "ignored"
         self.check(verdict == want, f"a signal to rank {rank} in {state} was {verdict}, the policy says {want}")
