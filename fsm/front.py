@@ -18,8 +18,8 @@ The rules of the loop, each decided here and nowhere else:
   in-process leader runs the whole call in ``send``) k is decoded and shown before k+1 is planned.
 - A re-encode recompute whose window starts in the chunk not decoded yet decodes that chunk first.
 - History older than the oldest frame a later recompute window can start at is dropped.
-- Headless runs: after ``max_chunks`` accepted chunks, ``then="shutdown"`` drains and shuts the job
-  down; ``then="idle"`` keeps heartbeating until a stop request.
+- Headless runs: after ``max_chunks`` accepted chunks, ``after_chunks="shutdown"`` drains and shuts the job
+  down; ``after_chunks="idle"`` keeps heartbeating until a stop request.
 - Heartbeat: a NOOP when nothing was sent or received for H seconds; otherwise ``Idle`` until then.
 - Requests (stop, hard cut) come from other threads through the adapter, only between steps
   (``on_stop_requested`` / ``on_cut_requested`` return nothing: they change state, and the next step
@@ -98,7 +98,7 @@ TRANSITIONS: list[tuple[str, str | list[str], str]] = [
     # the chunk machine failed (deadline, tripwire, second failure in a row).
 ]
 
-Then = Literal["shutdown", "idle", "serve"]  # after max_chunks (serve: none; a session starts the stream)
+AfterChunks = Literal["shutdown", "idle", "serve"]  # after max_chunks (serve: none; a session starts the stream)
 FAREWELL_BOUND_S = 1.0  # the best-effort SHUTDOWN after a failure never waits longer than this
 
 
@@ -138,7 +138,7 @@ class FrontMachine(RoleMachine):
         warm_timeout_s: float = 20.0,
         ready_timeout_s: float = 600.0,
         max_chunks: int | None = None,
-        then: Then = "shutdown",
+        after_chunks: AfterChunks = "shutdown",
         streaming: bool = True,
         lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
@@ -152,7 +152,7 @@ class FrontMachine(RoleMachine):
         self.warm_timeout_s = warm_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.max_chunks = max_chunks
-        self.then: Then = then
+        self.after_chunks: AfterChunks = after_chunks
         self.streaming = streaming  # a served front starts idle until a session starts the stream
         self.paused = False
         self.stream_epoch = 0  # the first epoch of the running stream (frames of older ones are not its)
@@ -388,7 +388,7 @@ class FrontMachine(RoleMachine):
             self._apply_stop()
         if self._pending is not None and not self.overlap:  # serial link: show k, then compute k+1
             return [self._decode()]
-        if self.done and self.then == "shutdown" and c.state == IDLE:
+        if self.done and self.after_chunks == "shutdown" and c.state == IDLE:
             self._apply_stop()
         plan: ChunkPlan | None = None
         if c.state == CLOSING:

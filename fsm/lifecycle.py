@@ -102,7 +102,7 @@ FRONT_BINDINGS: dict[str, str] = {
     LOADING: "PipelineFactory.build_stage0 (then loaded, ok or not)",
     WARMING_CHANNELS: "one PING round trip front<->leader on the PP pair (CPU group + device group)",
     WARMUP: "receive ReadyV1 from the leader (the front has no generator)",
-    SERVING: "chunk engine + the one comms thread owning the PP channel (INFER, NOOP every H s)",
+    SERVING: "FrontEngine performs FrontMachine's intents over the PP channel (INFER, NOOP every H s)",
     DRAINING: "stop admitting; finish in-flight chunks under a deadline; send SHUTDOWN, receive its result",
 }
 LEADER_BINDINGS: dict[str, str] = {
@@ -130,7 +130,7 @@ TP_RANK0_BINDINGS: dict[str, str] = {
     FINGERPRINT: "all_gather_object(Generator.fingerprint()) over the mesh CPU group; all equal -> fingerprint_ok",
     WARMING_CHANNELS: "PING header on the mesh CPU group; all_reduce on the mesh device group",
     WARMUP: "LeaderRelayMachine.start_warmup() in process; SendReady goes to the local server",
-    SERVING: "chunk engine -> in-process LeaderRelayMachine (no PP channel)",
+    SERVING: "FrontEngine -> the in-process channel -> LeaderRelayMachine's executor (no PP channel)",
     DRAINING: "stop admitting; finish in-flight chunks; SHUTDOWN through the LeaderRelayMachine to the workers",
 }
 

@@ -124,8 +124,8 @@ MUTATIONS: list[Mutation] = [
     # -- the front's loop (fsm/front.py) ----------------------------------------------------------------------
     m(33, F, "if self._pending is not None and not self.overlap:", "if self._pending is not None and self.overlap:",
       "overlap order swapped"),
-    m(34, F, "if self.done and self.then == \"shutdown\" and c.state == IDLE:",
-      "if self.done and self.then == \"idle\" and c.state == IDLE:", "headless then= swapped"),
+    m(34, F, "if self.done and self.after_chunks == \"shutdown\" and c.state == IDLE:",
+      "if self.done and self.after_chunks == \"idle\" and c.state == IDLE:", "headless after_chunks= swapped"),
     m(35, F, "keep_from=oldest_needed_frame(d.chunk_index, self.latent_frames, self.window)",
       "keep_from=oldest_needed_frame(d.chunk_index + 1, self.latent_frames, self.window)", "history trimmed too early"),
     m(36, F, "        if self.chunk.is_current(rec.cache_epoch):\n            self.shown += 1",

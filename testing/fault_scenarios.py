@@ -114,7 +114,7 @@ SCENARIOS: dict[str, Scenario] = {
             expect={0: "nonzero", 1: "nonzero", 2: "killed"}, bound_s={0: GRACE + SLACK, 1: SLACK},
         ),
         Scenario(
-            "kill_front_idle", 3, _pp1(["--chunks", "2", "--then", "idle"]), fault="rank=0,at=idle,do=kill",
+            "kill_front_idle", 3, _pp1(["--chunks", "2", "--after-chunks", "idle"]), fault="rank=0,at=idle,do=kill",
             faulty_rank=0, expect={0: "killed", 1: "nonzero", 2: "nonzero"}, bound_s={1: SLACK, 2: SLACK},
         ),
         Scenario(
@@ -128,7 +128,7 @@ SCENARIOS: dict[str, Scenario] = {
             bound_s={0: min(2 * FLOOR + GRACE + 1.0, STALL_S - 0.5), 2: W + SLACK, 1: STALL_S + SLACK},
         ),
         Scenario(
-            "sigterm_idle", 3, _pp1(["--chunks", "2", "--then", "idle"]), signal_on=(0, "idle"), wait_s=0.5,
+            "sigterm_idle", 3, _pp1(["--chunks", "2", "--after-chunks", "idle"]), signal_on=(0, "idle"), wait_s=0.5,
             signal=(0, signal.SIGTERM), expect={0: "zero", 1: "zero", 2: "zero"},
             bound_s={0: SLACK, 1: SLACK, 2: SLACK},
         ),

@@ -41,7 +41,7 @@ WHAT = {  # the local-job scenarios, in words
     "kill_front_mid_chunk": "local job: `PP1_FAULT=rank=0,at=sent:2,do=kill` (front, after sending chunk 2)",
     "leader_stall": f"local job: `PP1_FAULT=rank=1,at=chunk:2,do=stall:{STALL_S:g}` (leader; deadline floor "
                     f"{FLOOR:g} s)",
-    "sigterm_idle": "local job: SIGTERM front idle on heartbeats (`--then idle`)",
+    "sigterm_idle": "local job: SIGTERM front idle on heartbeats (`--after-chunks idle`)",
 }
 
 CASES = [*DRILLS, *SCENARIOS]

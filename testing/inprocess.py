@@ -68,7 +68,7 @@ def pure_tp_job(
     pipeline: str = STANDIN,
     preset: str = "tiny",
     chunks: int | None = 4,
-    then: str = "shutdown",
+    after_chunks: str = "shutdown",
     faults: str = "",
     prompt: str = "a calm sea at dawn",
     channel: Callable[[InProcessChannel], FrontEnd] | None = None,
@@ -113,7 +113,7 @@ def pure_tp_job(
                          deadline_factor=cfg.deadline_factor, role="tp_rank0")
     way: FrontEnd = channel(inproc) if channel is not None else inproc
     machine = FrontMachine(0, chunk=chunk, geometry=geometry, overlap=way.overlaps if overlap is None else overlap,
-                           ping=False, max_chunks=chunks, then=then, role="tp_rank0")  # type: ignore[arg-type]
+                           ping=False, max_chunks=chunks, after_chunks=after_chunks, role="tp_rank0")  # type: ignore[arg-type]
     used_stage0 = stage0(st0) if stage0 is not None else st0
     engine = FrontEngine(machine, way, used_stage0, geometry, conditioning=st0.encode_prompt(prompt), prompt=prompt,
                          faults=plan, clock=clock)

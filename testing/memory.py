@@ -927,7 +927,7 @@ class MemoryJob:
                                         pipeline="pp1.testing.memory:MemoryFactory")
         self.config = RunConfig(topology=topology, world_size=world, mesh_global_ranks=mesh,  # type: ignore[arg-type]
                                 **{**defaults, **config})
-        opts = dict(chunks=None, then="shutdown", prompt="a calm sea at dawn", ready_timeout_s=600.0)
+        opts = dict(chunks=None, after_chunks="shutdown", prompt="a calm sea at dawn", ready_timeout_s=600.0)
         opts.update(options or {})
         self.options = JobOptions(**opts)  # type: ignore[arg-type]
         self.transport = MemoryTransport(world, mesh, front, pg_timeout_s=self.options.pg_timeout_s)

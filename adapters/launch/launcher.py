@@ -51,7 +51,7 @@ class LaunchOptions(options.JobOptions):
     python: str = sys.executable
 
     def rank_args(self, report_json: str) -> list[str]:
-        return [*options.rank_argv(replace(self, report_json=report_json, then="shutdown")), *self.extra_args]
+        return [*options.rank_argv(replace(self, report_json=report_json, after_chunks="shutdown")), *self.extra_args]
 
     def command(self, report_json: str) -> list[str]:
         return [

@@ -31,7 +31,7 @@ SERVE_ENTRY = "pp1.server.rank"
 class ServeOptions(LaunchOptions):
     """``pp1 serve``'s options: the table's, as LaunchOptions (``then`` is serve)."""
 
-    then: str = "serve"
+    after_chunks: str = "serve"
 
     def local_nproc(self) -> int:
         return self.nproc_per_node if self.nproc_per_node is not None else self.nproc

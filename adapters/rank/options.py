@@ -112,10 +112,10 @@ class JobOptions:
                               "frame by the VAE (parity with single-GPU)", config=True,
                               choices=("latents", "reencode"))
     # -- the front's headless run ------------------------------------------------------------------
-    chunks: int = opt(8, "--chunks", "chunks the front drives (then --then)", to=HEADLESS, parse=int)
-    then: str = opt("shutdown", "--then", "after the chunks: shut the job down, or stay idle (heartbeats) until "
-                    "SIGTERM; serve: no headless chunks, a stream runs while a viewer's session asks for it",
-                    to={RANK}, choices=("shutdown", "idle", "serve"))
+    chunks: int = opt(8, "--chunks", "chunks the front drives (then see --after-chunks)", to=HEADLESS, parse=int)
+    after_chunks: str = opt("shutdown", "--after-chunks", "after the chunks: shut the job down, or stay idle "
+                            "(heartbeats) until SIGTERM; serve: no headless chunks, a stream runs while a viewer's "
+                            "session asks for it", to={RANK}, choices=("shutdown", "idle", "serve"))
     prompt: str = opt("a calm sea at dawn", "--prompt", "the prompt", to=HEADLESS | {SERVE})
     prompt_changes: list[str] = opt([], "--prompt-change", 'after CHUNK shown chunks change the prompt to TEXT '
                                     '(a hard cut: new epoch, the chunk in flight is dropped); repeatable, e.g. '

@@ -49,8 +49,8 @@ def front_machine(ctx: RankContext, *, ping: bool, overlap: bool) -> FrontMachin
     return FrontMachine(
         ctx.rt.rank, chunk=chunk_machine(ctx), geometry=ctx.pipeline.geometry, overlap=overlap, ping=ping,
         warm_timeout_s=4 * ctx.config.watchdog_s, ready_timeout_s=opts.ready_timeout_s,
-        max_chunks=None if opts.then == "serve" else opts.chunks, then=opts.then,
-        streaming=opts.then != "serve", lifecycle=ctx.lifecycle,
+        max_chunks=None if opts.after_chunks == "serve" else opts.chunks, after_chunks=opts.after_chunks,
+        streaming=opts.after_chunks != "serve", lifecycle=ctx.lifecycle,
         role=ctx.rt.role,
     )
 

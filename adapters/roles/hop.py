@@ -312,7 +312,7 @@ def minimal_context(rt: DistributedRuntime, opts: options.JobOptions) -> RankCon
         loaded.generator = NoOpGenerator(geometry, rt.device, torch_dtype_of(cfg.dtype))
         loaded.fingerprint = loaded.generator.fingerprint()
     lifecycle = make_lifecycle(rt.role, rt.rank, mesh_rank=rt.mesh_rank)  # stays in init: the hop has no phases
-    return RankContext(rt=rt, config=cfg, options=replace(opts, then="serve"), lifecycle=lifecycle,
+    return RankContext(rt=rt, config=cfg, options=replace(opts, after_chunks="serve"), lifecycle=lifecycle,
                        faults=FaultPlan(rt.rank), loaded=loaded)
 
 

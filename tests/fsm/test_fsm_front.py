@@ -187,7 +187,7 @@ def test_serial_link_shows_each_chunk_before_sending_the_next() -> None:
 
 
 def test_heartbeat_after_h_seconds_idle() -> None:
-    f = front(ping=False, max_chunks=1, then="idle")
+    f = front(ping=False, max_chunks=1, after_chunks="idle")
     first = only(f.start(0.0), SendEnvelope)
     f.handle(Sent(0.0))
     f.handle(ResultReceived(answer(first.envelope), 0.5))
@@ -200,7 +200,7 @@ def test_heartbeat_after_h_seconds_idle() -> None:
 
 
 def test_headless_then_shutdown_drains_after_max_chunks() -> None:
-    f = front(ping=False, max_chunks=1, then="shutdown", lifecycle=True)
+    f = front(ping=False, max_chunks=1, after_chunks="shutdown", lifecycle=True)
     first = only(f.start(0.0), SendEnvelope)
     f.handle(Sent(0.0))
     f.handle(ResultReceived(answer(first.envelope), 0.5))

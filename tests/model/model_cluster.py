@@ -97,7 +97,7 @@ class Cluster:
     chunk not decoded yet (decode first)."""
 
     def __init__(self, topology: str, mesh_size: int, *, recompute_every: int = 1, warmup_chunks: int = 1,
-                 context_source: str = "latents", chunks: int | None = None, then: str = "shutdown",
+                 context_source: str = "latents", chunks: int | None = None, after_chunks: str = "shutdown",
                  bad_config_rank: int | None = None, load_fail_rank: int | None = None,
                  bad_fingerprint_rank: int | None = None, tempo: tuple[float, ...] = (), window: int = 6) -> None:
         world = mesh_size + (1 if topology == "pp1" else 0)
@@ -111,7 +111,7 @@ class Cluster:
         self.source = context_source
         self.job = MemoryJob(topology, mesh_size, bad_config_rank=bad_config_rank, load_fail_rank=load_fail_rank,
                              bad_fingerprint_rank=bad_fingerprint_rank,
-                             options=dict(chunks=chunks, then=then), window=window,
+                             options=dict(chunks=chunks, after_chunks=after_chunks), window=window,
                              recompute_every=recompute_every, warmup_chunks=warmup_chunks,
                              context_source=context_source, heartbeat_s=H, watchdog_s=W, deadline_floor_s=FLOOR,
                              deadline_factor=FACTOR)
@@ -142,7 +142,7 @@ class Cluster:
         self.front_exit_at: float | None = None
         self.tempo = list(tempo)
         self.slow_calls = any(x > MESH_DRAIN_S for x in tempo)  # some generator call outlasts a mesh rank's drain
-        self.max_chunks, self.then = chunks, then
+        self.max_chunks, self.after_chunks = chunks, after_chunks
         self.stop_posted = False  # a stop or a drain was asked of the front
         self.tampered = False
         self.job.transport.observers.append(self._observe)
@@ -475,9 +475,9 @@ class Cluster:
         # a headless run counts chunks shown, plus the one received and not decoded yet if still current
         kept = len(led.shown) + sum(1 for a in led.accepted if a[0] == led.epoch and a not in led.shown)
         if env.action is Action.SHUTDOWN and (self.engine is None or self.engine.machine.state != "failed"):
-            headless_end = self.then == "shutdown" and self.max_chunks is not None and kept >= self.max_chunks
+            headless_end = self.after_chunks == "shutdown" and self.max_chunks is not None and kept >= self.max_chunks
             self.check(self.stop_posted or headless_end, "SHUTDOWN sent, yet no stop was asked and the headless run "
-                       "(then=shutdown) has not accepted its chunks")
+                       "(after_chunks=shutdown) has not accepted its chunks")
         if env.action is Action.INFER and self.max_chunks is not None:
             self.check(kept < self.max_chunks, f"INFER sent after the headless run's {self.max_chunks} chunks")
         if env.action is Action.INFER and env.chunk_index > 0:

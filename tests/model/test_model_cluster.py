@@ -81,7 +81,7 @@ class ClusterModel(RuleBasedStateMachine):
                              label="startup_fault")
         n, then = headless if headless is not None else (None, "shutdown")
         self.c = Cluster(self.TOPOLOGY, m, recompute_every=k, warmup_chunks=warmup, context_source=source,
-                         chunks=n, then=then, tempo=tempo, window=window,
+                         chunks=n, after_chunks=then, tempo=tempo, window=window,
                          bad_config_rank=startup[1] if startup[0] == "config" else None,
                          load_fail_rank=startup[1] if startup[0] == "load" else None,
                          bad_fingerprint_rank=startup[1] if startup[0] == "fingerprint" else None)

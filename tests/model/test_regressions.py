@@ -283,7 +283,7 @@ def test_sigterm_with_chunk_in_flight_drains() -> None:
 def test_sigterm_to_a_mesh_rank_drains_the_whole_job(topology: str, rank: int) -> None:
     """A SIGTERM to any one rank leads to an orderly drain of the whole job (exit 0) within 5 s: the rank
     publishes it on the job's store, the front's watcher reads it and drains the job."""
-    c = serving(topology, 2, chunks=0, then="idle")
+    c = serving(topology, 2, chunks=0, after_chunks="idle")
     t0 = c.job.now
     c.signal(rank)
     c.faults.clear()
@@ -318,9 +318,9 @@ def test_fingerprint_drift_fails_every_rank_at_the_barrier(topology: str, rank: 
 
 
 def test_idle_front_heartbeats_keep_the_mesh_alive() -> None:
-    """A headless front idle after its chunks (then=idle) for 100 s: NOOPs every H keep the leader's and the
+    """A headless front idle after its chunks (after_chunks=idle) for 100 s: NOOPs every H keep the leader's and the
     workers' watchdogs quiet."""
-    c = serving("pp1", 3, chunks=1, then="idle")
+    c = serving("pp1", 3, chunks=1, after_chunks="idle")
     c.pump(until=lambda: c.job.now >= 100)
     assert all(p.alive for p in c.procs) and c.engine.machine.chunk.stats.noops >= 90
     c.settle()
@@ -330,7 +330,7 @@ def test_idle_front_heartbeats_keep_the_mesh_alive() -> None:
 def test_stalled_front_orphans_the_mesh() -> None:
     """The front stalls past the watchdog while idle: the mesh ranks exit orphaned (3); the front then finds
     the leader gone at its next send."""
-    c = serving("pp1", 2, chunks=0, then="idle")
+    c = serving("pp1", 2, chunks=0, after_chunks="idle")
     c.stall(0, 2 * W)
     c.pump(until=lambda: c.job.all_exited())
     assert exits(c) == [1, 3, 3]

@@ -39,7 +39,7 @@ def tp3_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """PP1 with TP=3 (4 ranks): 6 chunks (an invalid envelope at chunk 1, an unserialisable one at
     chunk 3, an unsupported dtype at chunk 4), then idle > 3 watchdog periods, then SIGTERM."""
     faults = "rank=0,at=chunk:1,do=corrupt_envelope;rank=0,at=chunk:3,do=unserialisable;rank=0,at=chunk:4,do=bad_dtype"
-    job = LocalJob(4, [*BASE_ARGS, "--topology", "pp1", "--tp", "3", "--chunks", "6", "--then", "idle"],
+    job = LocalJob(4, [*BASE_ARGS, "--topology", "pp1", "--tp", "3", "--chunks", "6", "--after-chunks", "idle"],
                    env={"PP1_FAULT": faults}, workdir=tmp_path_factory.mktemp("tp3"))
     out: dict = {"job": job}
     with job:
