@@ -18,6 +18,7 @@ import torch
 from pp1.protocol.geometry import ChunkGeometry
 
 from ..comm import Communicator
+from ..dit.generator import check_mesh_heads
 from ..loader import PipelineOptionError
 from .checkpoint import CheckpointError, read_header
 from .config import MODELS, KreaOptions, KreaRun, get_model
@@ -55,10 +56,7 @@ class KreaFactory:
 
     def check_mesh_size(self, preset: str, mesh_size: int) -> None:
         """Heads are split over the mesh (unevenly is fine): a rank needs at least one."""
-        heads = get_model(preset).num_heads
-        if not 1 <= mesh_size <= heads:
-            raise ValueError(f"{preset} has {heads} attention heads: a mesh of {mesh_size} ranks cannot shard it "
-                             f"(1..{heads})")
+        check_mesh_heads(preset, get_model(preset).num_heads, mesh_size)
 
     def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> KreaStage0:
         return KreaStage0(self.spec(preset), torch.device(device), dtype)

@@ -32,11 +32,10 @@ import time
 import torch
 
 from ..comm import Communicator
-from ..contract import InvalidChunkCall, check_call
+from ..dit.generator import DiTGenerator
 from ..dit.masks import block_causal_mask
 from ..dit.model import DiTShard, TextKV
 from ..dit.segments import check_fp8
-from ..dit.sharding import ShardPlan
 from ..interface import ChunkCall, ChunkOutput
 from .checkpoint import CheckpointInfo, ShardReader, validate_checkpoint
 from .config import KreaRun, flow_table
@@ -68,7 +67,9 @@ def draw_noise(gen: torch.Generator, shape_cthw: tuple[int, ...], device: torch.
     return torch.randn((t, c, h, w), generator=gen, device=device).permute(1, 0, 2, 3)
 
 
-class KreaGenerator:
+class KreaGenerator(DiTGenerator):
+    NAME = "krea"
+
     def __init__(
         self,
         run: KreaRun,
@@ -80,14 +81,11 @@ class KreaGenerator:
         info: CheckpointInfo | None = None,
         compile: bool = False,
     ) -> None:
-        if comm.size != mesh_size or comm.rank != mesh_rank:
-            raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
         cfg = run.model
+        self._setup(cfg.num_heads, cfg.head_dim, cfg.ffn_dim, mesh_rank, mesh_size, comm,
+                    f"{cfg.name}: a mesh of {mesh_size} is larger than its {cfg.num_heads} heads")
         self.spec, self.device, self.dtype = run, torch.device(device), dtype
         self.geometry = run.geometry(dtype)
-        self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)
-        if self.plan.local_heads < 1 or self.plan.local_ffn < 1:
-            raise ValueError(f"{cfg.name}: a mesh of {mesh_size} is larger than its {cfg.num_heads} heads")
         fp8 = run.options.fp8_linears
         if fp8:
             check_fp8(self.device, dtype)
@@ -106,75 +104,23 @@ class KreaGenerator:
         self.sigma = FlowSigmas(cfg.flow_shift)
         self.log_bias = math.log(run.options.kv_bias)  # 0 when the bias is off (1)
         self._fingerprint = f"{self.info.fingerprint()}/{str(dtype).removeprefix('torch.')}{'/fp8' if fp8 else ''}"
-        self.compiled = compile
-        self.compile_s: float | None = None
-        self.compile_graphs = 0
-        if compile:
-            self.compile_s = self.model.compile(f"krea tp rank {mesh_rank}/{mesh_size}")
-            assert self.model.compiler is not None
-            self.compile_graphs = self.model.compiler.graphs
-            log.info("krea generator %s: %d graphs compiled in %.1f s (inductor %.1f s)", self.plan.describe(),
-                     self.compile_graphs, self.compile_s, self.model.compiler.compile_s)
-        self._epoch: int | None = None
+        self._compile(compile, log)
         self._origin = 0  # the epoch timeline's frame at RoPE position 0 (window-relative positions)
-        self._text_src: torch.Tensor | None = None
-        self._text_kv: TextKV | None = None
 
     # --- Generator interface ------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """The checkpoint's header digest (+ preset, dtype): equal on every rank reading the same file."""
         return self._fingerprint
 
-    @property
-    def late_compiles(self) -> int:
-        """Compilations after the precompile (a shape it did not cover); 0 when all is well."""
-        return self.model.compiler.late_graphs if self.model.compiler is not None else 0
-
-    def reset(self) -> None:
-        self.model.cache.reset()
-        self._epoch = None
-
-    def run(self, call: ChunkCall) -> ChunkOutput:
-        check_call(call, self.geometry)
-        self._check_continuity(call)
-        with torch.inference_mode():
-            out = self._run(call)
-        out.latents = out.latents.clone()
-        return out
-
     # --- internals ----------------------------------------------------------------------------------
-    def _check_continuity(self, call: ChunkCall) -> None:
-        cache = self.model.cache
-        if call.init_cache or call.reset_cache or call.do_kv_recompute:
-            return
-        if cache.empty:
-            raise InvalidChunkCall("call", f"chunk {call.chunk_index} (call {call.call_id}): the KV cache is empty "
-                                   "but neither init_cache, reset_cache nor do_kv_recompute is set", "cache_empty")
-        if call.cache_epoch != self._epoch:
-            raise InvalidChunkCall("call.cache_epoch", f"epoch {call.cache_epoch} but the cache holds epoch "
-                                   f"{self._epoch}; a new epoch needs init_cache or reset_cache", "epoch_mismatch")
-        start = call.chunk_index * self.geometry.latent_frames
-        if start != cache.end_frame:
-            raise InvalidChunkCall("call.chunk_index", f"chunk {call.chunk_index} starts at latent frame {start} "
-                                   f"but the cache ends at {cache.end_frame}", "not_contiguous")
-
     def text_kv(self, conditioning: torch.Tensor) -> TextKV:
         """Cross-attention K/V, recomputed only when the conditioning changes."""
-        cond = conditioning.to(self.device)
-        if self._text_kv is None or self._text_src is None or not torch.equal(cond, self._text_src):
-            self._text_kv = self.model.embed_text(cond)
-            self._text_src = cond.clone()
-        return self._text_kv
+        return self._cached_text_kv(conditioning.to(self.device))
 
     def recompute_mask(self, frames: int) -> torch.Tensor | None:
         """The recompute pass's mask: block-causal over blocks of ``chunk_frames`` (None: one block)."""
         cfg = self.model.cfg
         return block_causal_mask(frames, cfg.tokens_per_frame, cfg.chunk_frames, self.device, self.dtype)
-
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
     def _run(self, call: ChunkCall) -> ChunkOutput:
         model, cache = self.model, self.model.cache

@@ -7,6 +7,7 @@ import torch
 from pp1.protocol.geometry import ChunkGeometry
 
 from ..comm import Communicator
+from ..dit.generator import check_mesh_heads
 from ..interface import PipelineFactory
 from ..loader import PipelineOptionError, parse_bool
 from .generator import ReferenceGenerator
@@ -43,10 +44,7 @@ class ReferenceFactory:
 
     def check_mesh_size(self, preset: str, mesh_size: int) -> None:
         """Heads and FFN columns are split over the mesh (unevenly is fine): a rank needs at least one head."""
-        heads = get_preset(preset).num_heads
-        if not 1 <= mesh_size <= heads:
-            raise ValueError(f"preset {preset!r} has {heads} attention heads: a mesh of {mesh_size} ranks cannot "
-                             f"shard it (1..{heads})")
+        check_mesh_heads(f"preset {preset!r}", get_preset(preset).num_heads, mesh_size)
 
     def build_stage0(self, preset: str, device: torch.device, dtype: torch.dtype) -> ReferenceStage0:
         return ReferenceStage0(get_preset(preset), torch.device(device), dtype)

@@ -26,16 +26,14 @@ the graphs built; a serve-time recompile is logged and counted in ``late_compile
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from ..checksum import held_tensors
 from ..comm import Communicator
-from ..contract import InvalidChunkCall, check_call
+from ..dit.generator import DiTGenerator
 from ..dit.model import DiTShard, TextKV
 from ..dit.segments import check_fp8
-from ..dit.sharding import ShardPlan
 from ..interface import ChunkCall, ChunkOutput
 from .presets import ReferenceConfig
 from .weights import WeightSource, init_rule, mix_seed, seeded_randn
@@ -43,7 +41,9 @@ from .weights import WeightSource, init_rule, mix_seed, seeded_randn
 log = logging.getLogger("pp1.pipelines.reference")
 
 
-class ReferenceGenerator:
+class ReferenceGenerator(DiTGenerator):
+    NAME = "reference"
+
     def __init__(
         self,
         cfg: ReferenceConfig,
@@ -55,15 +55,12 @@ class ReferenceGenerator:
         compile: bool = False,
         fp8_linears: bool = False,
     ) -> None:
-        if comm.size != mesh_size or comm.rank != mesh_rank:
-            raise ValueError(f"communicator is rank {comm.rank}/{comm.size}, expected {mesh_rank}/{mesh_size}")
+        self._setup(cfg.num_heads, cfg.head_dim, cfg.ffn_dim, mesh_rank, mesh_size, comm,
+                    f"{cfg.name}: mesh of {mesh_size} is larger than {cfg.num_heads} heads")
         self.cfg = cfg
         self.geometry = cfg.geometry(dtype)  # wire dtype = run dtype: latents come back in it
         self.device = torch.device(device)
         self.dtype = dtype
-        self.plan = ShardPlan(mesh_rank, mesh_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim)
-        if self.plan.local_heads < 1 or self.plan.local_ffn < 1:
-            raise ValueError(f"{cfg.name}: mesh of {mesh_size} is larger than {cfg.num_heads} heads")
         if fp8_linears:
             check_fp8(self.device, dtype)
         src = WeightSource(cfg.weight_seed, self.device, dtype, init_rule(cfg.num_blocks))
@@ -74,18 +71,7 @@ class ReferenceGenerator:
             f"reference/{cfg.name}/seed{cfg.weight_seed}/tp{mesh_size}/{str(dtype).removeprefix('torch.')}"
             f"/{self.device.type}{'/fp8' if fp8_linears else ''}/{self.full_digest}"
         )
-        self.compiled = compile
-        self.compile_s: float | None = None
-        self.compile_graphs = 0
-        if compile:
-            self.compile_s = self.model.compile(f"reference tp rank {mesh_rank}/{mesh_size}")
-            assert self.model.compiler is not None
-            self.compile_graphs = self.model.compiler.graphs
-            log.info("reference generator %s: %d graphs compiled in %.1f s (inductor %.1f s)", self.plan.describe(),
-                     self.compile_graphs, self.compile_s, self.model.compiler.compile_s)
-        self._epoch: int | None = None
-        self._text_src: torch.Tensor | None = None
-        self._text_kv: TextKV | None = None
+        self._compile(compile, log)
 
     # --- Generator interface ----------------------------------------------------------------------
 
@@ -101,51 +87,10 @@ class ReferenceGenerator:
         """The weights this shard holds now (the runtime's weight tripwire checksums them)."""
         return held_tensors(self.model)
 
-    @property
-    def late_compiles(self) -> int:
-        """Compilations after the precompile (a shape it did not cover); 0 when all is well."""
-        return self.model.compiler.late_graphs if self.model.compiler is not None else 0
-
-    def reset(self) -> None:
-        self.model.cache.reset()
-        self._epoch = None
-
-    def run(self, call: ChunkCall) -> ChunkOutput:
-        check_call(call, self.geometry)
-        self._check_continuity(call)
-        with torch.inference_mode():
-            out = self._run(call)
-        out.latents = out.latents.clone()  # a normal tensor: callers may update it in place
-        return out
-
     # --- internals --------------------------------------------------------------------------------
 
-    def _check_continuity(self, call: ChunkCall) -> None:
-        cache = self.model.cache
-        start = call.chunk_index * self.geometry.latent_frames
-        if call.init_cache or call.reset_cache or call.do_kv_recompute:
-            return
-        if cache.empty:
-            raise InvalidChunkCall("call", f"chunk {call.chunk_index} (call {call.call_id}): the KV cache is empty "
-                                   "but neither init_cache, reset_cache nor do_kv_recompute is set", "cache_empty")
-        if call.cache_epoch != self._epoch:
-            raise InvalidChunkCall("call.cache_epoch", f"epoch {call.cache_epoch} but the cache holds epoch "
-                                   f"{self._epoch}; a new epoch needs init_cache or reset_cache", "epoch_mismatch")
-        if start != cache.end_frame:
-            raise InvalidChunkCall("call.chunk_index", f"chunk {call.chunk_index} starts at latent frame {start} "
-                                   f"but the cache ends at {cache.end_frame}", "not_contiguous")
-
     def _text(self, conditioning: torch.Tensor) -> TextKV:
-        cond = conditioning.to(self.device, torch.float32)
-        if self._text_kv is None or self._text_src is None or not torch.equal(cond, self._text_src):
-            self._text_kv = self.model.embed_text(cond)
-            self._text_src = cond.clone()
-        return self._text_kv
-
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return self._cached_text_kv(conditioning.to(self.device, torch.float32))
 
     def _run(self, call: ChunkCall) -> ChunkOutput:
         cfg, model, cache = self.cfg, self.model, self.model.cache
