@@ -1,7 +1,7 @@
 """What every generator on the shared DiT does alike (the reference, Krea): the mesh-size check, the
 compile step of the load, the Generator interface around ``_run`` (call checks, inference mode, a
 normal tensor back), the cache's continuity rule, cross-attention K/V reused while the conditioning is
-unchanged. A pipeline subclasses it, builds its ``DiTShard`` and writes ``_run`` (its sampler, its
+unchanged, and the weights as held (the runtime's weight tripwire checksums them). A pipeline subclasses it, builds its ``DiTShard`` and writes ``_run`` (its sampler, its
 positions and masks).
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from pp1.protocol.geometry import ChunkGeometry
 
+from ..checksum import held_tensors
 from ..comm import Communicator
 from ..contract import InvalidChunkCall, check_call
 from ..interface import ChunkCall, ChunkOutput
@@ -66,6 +67,10 @@ class DiTGenerator:
                      self.plan.describe(), self.compile_graphs, self.compile_s, self.model.compiler.compile_s)
 
     # --- Generator interface ------------------------------------------------------------------------
+    def held_weights(self) -> list[torch.Tensor]:
+        """The weights this shard holds now (the runtime's weight tripwire checksums them)."""
+        return held_tensors(self.model)
+
     @property
     def late_compiles(self) -> int:
         """Compilations after the precompile (a shape it did not cover); 0 when all is well."""

@@ -29,7 +29,6 @@ import logging
 
 import torch
 
-from ..checksum import held_tensors
 from ..comm import Communicator
 from ..dit.generator import DiTGenerator
 from ..dit.model import DiTShard, TextKV
@@ -82,10 +81,6 @@ class ReferenceGenerator(DiTGenerator):
     def shard_digest(self) -> str:
         """Digest of this rank's own weights (differs per rank; for logs)."""
         return self._shard_digest
-
-    def held_weights(self) -> list[torch.Tensor]:
-        """The weights this shard holds now (the runtime's weight tripwire checksums them)."""
-        return held_tensors(self.model)
 
     # --- internals --------------------------------------------------------------------------------
 

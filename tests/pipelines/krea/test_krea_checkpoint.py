@@ -134,3 +134,17 @@ def test_fingerprint_is_the_header_digest_equal_on_every_rank(tmp_path: Path, ti
     layout = tmp_path / "layout.safetensors"
     write_random_checkpoint(layout, CFG, dtype=torch.bfloat16)  # another dtype
     assert len({base, read_header(other).digest(), read_header(layout).digest()}) == 3
+
+
+def test_the_weights_as_held_feed_the_weight_tripwire(krea) -> None:
+    """Krea shards expose their weights as held (the runtime checksums them at load, at READY and every N
+    chunks): equal for two loads of the same file, changed by a drift after load."""
+    from pp1.pipelines.checksum import checksum
+    from pp1.pipelines.comm import SoloCommunicator
+
+    a = krea.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, torch.float32)
+    b = krea.build_generator(PRESET, 0, 1, SoloCommunicator(), CPU, torch.float32)
+    assert a.held_weights() and checksum(a.held_weights()) == checksum(b.held_weights())
+    with torch.inference_mode():  # as the weight drill does (PP1_FAULT do=perturb_weights)
+        b.held_weights()[0].add_(0.5)
+    assert checksum(a.held_weights()) != checksum(b.held_weights())
