@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pp1.adapters.launch.bench import (
@@ -85,21 +86,28 @@ def main_hop(args: argparse.Namespace) -> int:
         print(f"pp1 bench: {exc}", file=sys.stderr)
         return 2
     path = os.path.join(opts.out_dir, f"bench-{opts.resolved_label()}")
+    return _run_and_report(path, lambda stop: run_hop(opts, stop=stop), hop_markdown, "rows")
+
+
+def _run_and_report(path: str, run: Callable[[threading.Event], dict[str, Any]],
+                    render: Callable[[dict[str, Any]], str], rows: str) -> int:
+    """Run a bench (SIGINT / SIGTERM stop it after what is under way), print its table and where it was
+    written. Exit 0 when every row of ``result[rows]`` is ok, 1 when one is not, 130 when interrupted."""
     stop = threading.Event()
     old = {s: signal.signal(s, _on_signal(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = run_hop(opts, stop=stop)
+        result = run(stop)
     except KeyboardInterrupt:
         print(f"pp1 bench: interrupted; what was measured is in {path}.json / .md", file=sys.stderr, flush=True)
         return 130
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    print(hop_markdown(result), flush=True)
+    print(render(result), flush=True)
     print(f"pp1 bench: wrote {path}.json and {path}.md", flush=True)
     if result["run"].get("interrupted"):
         return 130
-    return 0 if all(r["ok"] for r in result["rows"]) else 1
+    return 0 if all(r["ok"] for r in result[rows]) else 1
 
 
 def main(args: argparse.Namespace) -> int:
@@ -128,21 +136,5 @@ def main(args: argparse.Namespace) -> int:
     except InvalidOption as exc:
         print(f"pp1 bench: invalid option {exc}", file=sys.stderr)
         return 2
-    label = opts.resolved_label()
-    path = os.path.join(opts.out_dir, f"bench-{label}")
-
-    stop = threading.Event()
-    old = {s: signal.signal(s, _on_signal(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        result = run_bench(opts, stop=stop)
-    except KeyboardInterrupt:
-        print(f"pp1 bench: interrupted; what was measured is in {path}.json / .md", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    print(markdown(result), flush=True)
-    print(f"pp1 bench: wrote {path}.json and {path}.md", flush=True)
-    if result["run"].get("interrupted"):
-        return 130
-    return 0 if all(c["ok"] for c in result["configs"]) else 1
+    path = os.path.join(opts.out_dir, f"bench-{opts.resolved_label()}")
+    return _run_and_report(path, lambda stop: run_bench(opts, stop=stop), markdown, "configs")
