@@ -391,13 +391,14 @@ class BenchOptions(options.JobOptions):
                                 "chunks": self.chunks + self.drop_chunks})
 
 
-def _launch(lo: LaunchOptions, stop: threading.Event) -> RunReport:
+def launch_job(lo: LaunchOptions, stop: threading.Event) -> RunReport:
+    """One bench job through the launcher (the default ``launch_fn`` of every bench)."""
     return launch(lo, stop=stop)
 
 
 def run_bench(
     opts: BenchOptions,
-    launch_fn: Callable[[LaunchOptions, threading.Event], RunReport] = _launch,
+    launch_fn: Callable[[LaunchOptions, threading.Event], RunReport] = launch_job,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     stop: threading.Event | None = None,
 ) -> dict[str, Any]:

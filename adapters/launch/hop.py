@@ -30,11 +30,12 @@ from pp1.adapters.launch.bench import (
     DEFAULT_OUT,
     _f,
     _loadavg,
+    launch_job,
     machine_info,
     preset_shape,
     write_outputs,
 )
-from pp1.adapters.launch.launcher import LaunchOptions, RunReport, launch
+from pp1.adapters.launch.launcher import LaunchOptions, RunReport
 from pp1.adapters.rank import options
 from pp1.protocol.schedule import percentile
 
@@ -189,13 +190,9 @@ def markdown(result: dict[str, Any]) -> str:
 # -- running ----------------------------------------------------------------------------------------------
 
 
-def _launch(lo: LaunchOptions, stop: threading.Event) -> RunReport:
-    return launch(lo, stop=stop)
-
-
 def run_hop(
     opts: HopBenchOptions,
-    launch_fn: Callable[[LaunchOptions, threading.Event], RunReport] = _launch,
+    launch_fn: Callable[[LaunchOptions, threading.Event], RunReport] = launch_job,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     stop: threading.Event | None = None,
 ) -> dict[str, Any]:
