@@ -47,6 +47,8 @@ from .front_api import (
 
 log = logging.getLogger("pp1.server.front")
 
+FAILING_EXIT_NOTICE_S = 0.5  # what a failing exit gives the viewers' stream_ended notice to go out
+
 SUPPORTED = frozenset({"prompts", "seed", "recompute_every", "reset_cache", "paused", "input_mode"})
 VAE_SPATIAL = 8  # Wan's VAE: a latent pixel is 8 x 8 video pixels
 POLL_S = 0.25
@@ -96,6 +98,7 @@ class RankFront:
         self._status = self._snapshot()
         ctx.frame_sinks.append(self._on_frames)
         ctx.outcome_sinks.append(self._on_outcome)
+        ctx.exit_sinks.append(self._on_failing_exit)
         self._poller = threading.Thread(target=self._poll, name="pp1-front-status", daemon=True)
         self._poller.start()
 
@@ -210,6 +213,19 @@ class RankFront:
         ended = StreamEnded(reason="shutdown" if outcome.ok else "mesh_failed",
                             detail=cause.reason if cause else outcome.reason, cause=cause)
         self._publish(ended)
+
+    def _on_failing_exit(self, reason: str) -> None:
+        """The rank exits failing before its engine told how the stream ended (e.g. torchrun's SIGTERM to a
+        job that already failed: no drain could finish): the viewers still get ``stream_ended`` with the
+        cause, and a moment (bounded) for the notice to go out."""
+        with self._lock:
+            ended = self._ended
+        if ended is not None:
+            return
+        self._status = self._snapshot()
+        cause = self._status.failure
+        self._publish(StreamEnded(reason="mesh_failed", detail=cause.reason if cause else reason, cause=cause))
+        time.sleep(FAILING_EXIT_NOTICE_S)
 
     def _publish(self, event: FrontEvent) -> None:
         with self._lock:

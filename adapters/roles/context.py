@@ -38,6 +38,7 @@ class RankContext:
     engine: FrontEngine | None = None  # the front's engine (front and pure-TP rank 0)
     frame_sinks: list[FrameSink] = field(default_factory=list)  # who sees the shown chunks (the server)
     outcome_sinks: list[Callable[[EngineOutcome], None]] = field(default_factory=list)  # told how the stream ended
+    exit_sinks: list[Callable[[str], None]] = field(default_factory=list)  # told (why) just before a failing exit
     progress: ProgressBoard | None = None  # every rank's progress, through the job's store
 
     _drain_at: float | None = None

@@ -109,6 +109,7 @@ class Exiter:
         self.rt, self.teardown_s, self.cause, self.phase = rt, teardown_s, cause, phase
         self.faults: FaultPlan | None = None
         self.board: ProgressBoard | None = None
+        self.before_failing: Callable[[str], None] | None = None  # last words of a failing exit (the viewers)
         self._lock = threading.Lock()
 
     def __call__(self, code: int, reason: str, crash: bool, failed_peer: int | None = None) -> None:
@@ -132,6 +133,8 @@ class Exiter:
                 if code != EXIT_OK and self.board is not None:  # the others read it when torchrun signals them
                     self.board.publish(state="failed", cause=cause)
                     self.board.flush(self.BOARD_FLUSH_S)
+                if code != EXIT_OK and self.before_failing is not None:
+                    self.before_failing(reason)
                 if code == EXIT_OK and not crash and self.rt is not None:
                     self.rt.teardown(self.teardown_s)
             except BaseException:  # the exit path itself must never keep the process alive
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None, ctx_hook: Callable[[RankContext], None] 
     holder: list[RankContext] = []
     lc.watch(_observe(faults, board, rt.role, lambda: holder[0] if holder else None))
     ctx = RankContext(rt=rt, config=cfg, options=opts, lifecycle=lc, faults=faults, progress=board)
+    exiter.before_failing = lambda reason: [tell(reason) for tell in ctx.exit_sinks]
     holder.append(ctx)
     if ctx_hook is not None:
         try:
