@@ -6,9 +6,10 @@ latents tensor of the geometry's shape), the front's machine does its startup wi
 warm-up, READY) and ``warmup`` chunk round trips through the protocol (below), then the ranks alternate,
 ``n`` times, in the same processes and on the same groups:
 
-- **a raw round trip**: exactly the bytes of the last warm-up chunk's envelope and result (frame header,
-  metadata, tensors: the same messages in the same order) with plain torch.distributed send/recv into
-  buffers allocated once (``pp1.adapters.transport.raw``);
+- **raw round trips**: exactly the bytes of the last warm-up chunk's envelope and result (frame header,
+  metadata, tensors: the same messages in the same order) with plain torch.distributed into buffers
+  allocated once (``pp1.adapters.transport.raw``): posted as the wire posts them (the judged floor), the
+  same through the runtime's wrapping, and one part at a time;
 - **a protocol round trip** of the next chunk through the real path: the chunk machine plans the envelope,
   the PP channel preflights, encodes and sends it with its tensors (the conditioning, the noise and, on a
   recompute, the context frames: preallocated, stage 0 is not measured); the leader's executor and relay
@@ -143,15 +144,17 @@ class _Recorded(PPChannel):
         dev = self.rt.device
         return RawMessage.of(encode(*self.envelope), dev), RawMessage.of(encode(*self.result), dev)
 
-    def raw_round_trips(self) -> tuple[float, float]:
-        """Two round trips of the bytes of the chunk the raw series started after (frozen at the first): with
-        torch.distributed's send / recv, then with the runtime's (its checks and bookkeeping, no protocol)."""
+    def raw_round_trips(self) -> tuple[float, float, float]:
+        """Three round trips of the bytes of the chunk the raw series started after (frozen at the first): with
+        torch.distributed's ops posted as the wire posts them, the same through the runtime (its checks and
+        bookkeeping, no protocol), then torch.distributed's one part at a time."""
         if self._raw is None:
             envelope, result = self.raw_messages()
             self._raw = (envelope, result.empty_like()) if self.is_front else (result, envelope.empty_like())
         bound = self.send_timeout_s or RUNTIME_WAIT_S
         return (raw_round_trip(self.rt, *self._raw, self.is_front),
-                raw_round_trip(self.rt, *self._raw, self.is_front, via_runtime=bound))
+                raw_round_trip(self.rt, *self._raw, self.is_front, via_runtime=bound),
+                raw_round_trip(self.rt, *self._raw, self.is_front, one_at_a_time=True))
 
 
 # -- the two roles ---------------------------------------------------------------------------------------
@@ -247,11 +250,12 @@ def _round_trips(front: HopFront, channel: _Recorded, hop: options.HopOptions) -
     SHUTDOWN. Returns the three series (warm-up dropped), in seconds."""
     for _ in range(hop.warmup):
         front.round_trip()
-    out: dict[str, list[float]] = {"protocol_s": [], "raw_s": [], "runtime_s": []}
+    out: dict[str, list[float]] = {"protocol_s": [], "raw_s": [], "runtime_s": [], "raw_each_s": []}
     for _ in range(hop.iterations):
-        raw, runtime = channel.raw_round_trips()
+        raw, runtime, each = channel.raw_round_trips()
         out["raw_s"].append(raw)
         out["runtime_s"].append(runtime)
+        out["raw_each_s"].append(each)
         out["protocol_s"].append(front.round_trip())
     front.shutdown()
     return out

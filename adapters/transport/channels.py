@@ -100,6 +100,7 @@ class PPChannel(_Channel):
         self.peer = rt.leader_rank if self.is_front else rt.front_rank
         self.send_timeout_s = send_timeout_s  # bound on a whole message send (the peer must post its recv)
         self.last_call_id: int | None = None  # last envelope sent (front)
+        self._posted: wire.PostedTensors | None = None  # the last envelope's tensor receives, in flight (leader)
         self.last_infer_epoch: int | None = None
 
     # -- front -------------------------------------------------------------------------------------
@@ -136,14 +137,21 @@ class PPChannel(_Channel):
 
     # -- leader ------------------------------------------------------------------------------------
     def recv_envelope(self, until: float | None) -> PPEnvelopeV1:
-        """The next envelope's header and metadata (its tensors: :meth:`recv_tensors`). Not
-        validated here: the leader's relay machine does that, and answers ok=False."""
+        """The next envelope's header and metadata. Not validated here: the leader's relay machine does that,
+        and answers ok=False. The tensors it announced always follow it (``wire``), so their receives are
+        posted at once and the machine's validation overlaps their transfer; :meth:`recv_tensors` waits."""
         left = _left(until)
         _, msg = self._io(wire.recv_control, self.rt, self.groups, self.peer, True, left, left)
-        return self._expect(msg, PPEnvelopeV1, "envelope")
+        env = self._expect(msg, PPEnvelopeV1, "envelope")
+        self._posted = self._io(wire.post_tensors, self.rt, env.tensors, self.groups, self.peer) if env.tensors else None
+        return env
 
     def recv_tensors(self, specs: Sequence[TensorSpec], timeout_s: float | None) -> list[torch.Tensor]:
-        return self._io(wire.recv_tensors, self.rt, specs, self.groups, self.peer, True, timeout_s)
+        """The tensors of the envelope just received (posted by :meth:`recv_envelope`), waited for in order."""
+        posted, self._posted = self._posted, None
+        if posted is None or posted.specs != tuple(specs):
+            raise LocalProtocolError("pp_channel.recv_tensors", f"no receives posted for {list(specs)}", "not_posted")
+        return self._io(wire.finish_tensors, self.rt, posted, timeout_s)
 
     def send_result(self, result: PPResultV1, tensors: Sequence[torch.Tensor] = ()) -> None:
         frames = preflight_result(result, tensors, self.geometry)

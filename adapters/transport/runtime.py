@@ -52,6 +52,16 @@ PURPOSE_GROUP: dict[str, GroupName] = {
 DEFAULT_PG_TIMEOUT_S = 600.0  # startup collectives wait for the slowest loader
 
 
+@dataclass(frozen=True)
+class Posted:
+    """A started point-to-point op (:meth:`DistributedRuntime.post_send` / ``post_recv``): its work, purpose and,
+    on a device group, its ``device_waits`` token."""
+
+    work: Any
+    purpose: str
+    token: int | None
+
+
 class PeerLost(RuntimeError):
     """A collective or p2p op failed (typically: the peer's connection closed, i.e. it died)."""
 
@@ -130,6 +140,7 @@ class DistributedRuntime:
         self.device_waits = DeviceWaits()  # outstanding device ops (the liveness monitor reads them)
         self._double: BlockingDeviceDouble | None = None  # PP1_DEVICE_DOUBLE=blocking (CPU tests)
         self._double_wanted = os.environ.get(ENV_DOUBLE, "") == "blocking" and self.device.type == "cpu"
+        self._group_infos: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -296,56 +307,96 @@ class DistributedRuntime:
     def all_reduce(
         self, t: torch.Tensor, op: Any, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
-        self._op(group, purpose, timeout_s, lambda: dist.all_reduce(t, op=op, group=group, async_op=True),
-                 collective=True)
+        self._op(group, purpose, timeout_s, lambda: dist.all_reduce(t, op=op, group=group, async_op=True))
         return t
 
     def broadcast(
         self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None
     ) -> torch.Tensor:
         """``src`` is a global rank."""
-        self._op(group, purpose, timeout_s, lambda: dist.broadcast(t, src=src, group=group, async_op=True),
-                 collective=True)
+        self._op(group, purpose, timeout_s, lambda: dist.broadcast(t, src=src, group=group, async_op=True))
         return t
 
     def send(self, t: torch.Tensor, dst: int, group: Any, purpose: str, timeout_s: float | None = None) -> None:
         """Blocking send to global rank ``dst``."""
-        self._op(group, purpose, timeout_s, lambda: dist.isend(t, dst=dst, group=group))
+        self.finish(self.post_send(t, dst, group, purpose), timeout_s)
 
     def recv(self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None) -> torch.Tensor:
         """Receive from global rank ``src`` into ``t``; with ``timeout_s`` a timeout poisons the group."""
-        self._op(group, purpose, timeout_s, lambda: dist.irecv(t, src=src, group=group))
+        self.finish(self.post_recv(t, src, group, purpose), timeout_s)
         return t
 
-    def _op(self, group: Any, purpose: str, timeout_s: float | None, start: Callable[[], Any],
-            collective: bool = False) -> None:
-        """Check the group for ``purpose``, start the async op, wait for it (bounded: a timeout poisons).
-        An op on a device group is outstanding (``device_waits``) until it completed on the device."""
+    # -- point-to-point in two steps (a message's parts posted together, waited for in order) --------------
+    def post_send(self, t: torch.Tensor, dst: int, group: Any, purpose: str) -> Posted:
+        """Start a send to global rank ``dst`` (checked like :meth:`send`); :meth:`finish` waits for it. ``t``
+        must not change until then."""
+        return self._post(group, purpose, lambda: dist.isend(t, dst=dst, group=group))
+
+    def post_recv(self, t: torch.Tensor, src: int, group: Any, purpose: str) -> Posted:
+        """Start a receive from global rank ``src`` into ``t``; :meth:`finish` waits for it."""
+        return self._post(group, purpose, lambda: dist.irecv(t, src=src, group=group))
+
+    def finish(self, posted: Posted, timeout_s: float | None = None) -> None:
+        """Wait for a posted op (bounded: a timeout poisons); a device op stays outstanding until it
+        completed on the device."""
+        try:
+            self._wait(posted.work, posted.purpose, timeout_s, poisonable=True)
+        except BaseException:
+            if posted.token is not None:
+                self.device_waits.end(posted.token)
+            raise
+        if posted.token is not None:
+            self.device_waits.settle(posted.token)
+
+    def _post(self, group: Any, purpose: str, start: Callable[[], Any]) -> Posted:
         self.check_group(group, purpose)
         if self.is_cpu_group(group):
-            self._start_and_wait(purpose, timeout_s, start)
+            return Posted(self._start(purpose, start), purpose, None)
+        name, members = self._group_info(group)
+        token, _ = self.device_waits.begin(name, members, purpose, False)
+        try:
+            work = self._start(purpose, start)
+        except BaseException:
+            self.device_waits.end(token)
+            raise
+        self.device_waits.attach(token, work)
+        return Posted(work, purpose, token)
+
+    def _group_info(self, group: Any) -> tuple[str, tuple[int, ...]]:
+        """(name, global ranks) of one of this rank's groups (looked up once)."""
+        info = self._group_infos.get(id(group))
+        if info is None or info[0] is not group:
+            info = (group, self.groups.name_of(group), tuple(dist.get_process_group_ranks(group)))
+            self._group_infos[id(group)] = info
+        return info[1], info[2]
+
+    @staticmethod
+    def _start(purpose: str, start: Callable[[], Any]) -> Any:
+        try:
+            return start()
+        except RuntimeError as exc:
+            raise PeerLost(purpose, str(exc)[:300]) from exc
+
+    def _op(self, group: Any, purpose: str, timeout_s: float | None, start: Callable[[], Any]) -> None:
+        """A collective: check the group for ``purpose``, start it, wait for it (bounded: a timeout poisons).
+        On a device group it is outstanding (``device_waits``) until it completed on the device; the
+        blocking double (CPU tests) has every member meet first."""
+        self.check_group(group, purpose)
+        if self.is_cpu_group(group):
+            self._wait(self._start(purpose, start), purpose, timeout_s, poisonable=True)
             return
-        name = self.groups.name_of(group)
-        members = dist.get_process_group_ranks(group)
-        token, seq = self.device_waits.begin(name, members, purpose, collective)
+        name, members = self._group_info(group)
+        token, seq = self.device_waits.begin(name, members, purpose, True)
         try:
             if self._double is not None and seq is not None:
                 self._double.meet(name, seq, members)
-            self._start_and_wait(purpose, timeout_s, start, lambda w: self.device_waits.attach(token, w))
+            work = self._start(purpose, start)
+            self.device_waits.attach(token, work)
+            self._wait(work, purpose, timeout_s, poisonable=True)
         except BaseException:
             self.device_waits.end(token)
             raise
         self.device_waits.settle(token)
-
-    def _start_and_wait(self, purpose: str, timeout_s: float | None, start: Callable[[], Any],
-                        started: Callable[[Any], None] = lambda w: None) -> Any:
-        try:
-            work = start()
-        except RuntimeError as exc:
-            raise PeerLost(purpose, str(exc)[:300]) from exc
-        started(work)
-        self._wait(work, purpose, timeout_s, poisonable=True)
-        return work
 
     # -- teardown ----------------------------------------------------------------------------------
     def teardown(self, bound_s: float = 3.0) -> bool:

@@ -12,10 +12,19 @@ from typing import Any
 
 import torch
 
-from pp1.adapters.transport.runtime import DistributedRuntime, device_timeout
+from pp1.adapters.transport.runtime import DistributedRuntime, Posted, device_timeout
 from pp1.protocol.codec import HEADER_SIZE, FrameHeader, Frames, alloc_tensors, decode_header, decode_meta
 from pp1.protocol.messages import Message
 from pp1.protocol.tensors import TensorSpec
+
+
+@dataclass(frozen=True)
+class PostedTensors:
+    """Tensor receives in flight: the specs they were posted for, their buffers and their ops."""
+
+    specs: tuple[TensorSpec, ...]
+    tensors: list[torch.Tensor]
+    works: list[Posted]
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,17 @@ def _send_tensors(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, 
 
 
 def send_p2p(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int, timeout_s: float | None = None) -> None:
-    """Header, meta (CPU group), then tensors (device group) to ``dst``. A gloo send completes only
-    once the peer posted its receive, so ``timeout_s`` bounds the whole message (poisoning after)."""
+    """Header, meta (CPU group), then tensors (device group) to ``dst``: every part posted at once, then
+    waited for in order. A gloo send completes only once the peer posted its receive, so ``timeout_s``
+    bounds the whole message (poisoning after)."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
-    _send_control(rt, frames, route, dst, end)
-    _send_tensors(rt, frames, route, dst, end)
+    dev = rt.tensor_device(route.dev_group)
+    dev_end = end if device_timeout(dev, end) is not None else None  # a timed-out NCCL wait aborts the communicator
+    parts = [(_bytes_tensor(part), route.cpu_group, route.cpu_purpose, end) for part in (frames.header, frames.meta)]
+    parts += [(t.to(dev).contiguous(), route.dev_group, route.dev_purpose, dev_end) for t in frames.tensors]
+    posted = [(rt.post_send(t, dst, group, purpose), bound) for t, group, purpose, bound in parts]
+    for p, bound in posted:
+        rt.finish(p, _left(bound))
 
 
 def send_broadcast(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, timeout_s: float | None = None) -> None:
@@ -103,6 +118,23 @@ def recv_control(
     return header, msg
 
 
+def post_tensors(rt: DistributedRuntime, specs: Sequence[TensorSpec], route: ChannelGroups, src: int) -> PostedTensors:
+    """Post the receives of the tensors a header announced, all at once (point-to-point); :func:`finish_tensors`
+    waits for them."""
+    dev = rt.tensor_device(route.dev_group)
+    bufs = alloc_tensors(specs, device=dev)
+    return PostedTensors(tuple(specs), bufs, [rt.post_recv(t, src, route.dev_group, route.dev_purpose) for t in bufs])
+
+
+def finish_tensors(rt: DistributedRuntime, posted: PostedTensors, timeout_s: float | None) -> list[torch.Tensor]:
+    """Wait for posted tensor receives, in order. ``timeout_s`` applies on gloo device groups only (below)."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    bounded = end if device_timeout(posted.tensors[0].device if posted.tensors else "cpu", end) is not None else None
+    for p in posted.works:
+        rt.finish(p, _left(bounded))
+    return posted.tensors
+
+
 def recv_tensors(
     rt: DistributedRuntime,
     specs: Sequence[TensorSpec],
@@ -113,6 +145,8 @@ def recv_tensors(
 ) -> list[torch.Tensor]:
     """Receive the tensors a header announced, in order. ``timeout_s`` applies on gloo device groups
     only: a timed-out NCCL wait aborts the communicator, and a header already committed the peer."""
+    if p2p:
+        return finish_tensors(rt, post_tensors(rt, specs, route, src), timeout_s)
     dev = rt.tensor_device(route.dev_group)
     bufs = alloc_tensors(specs, device=dev)
     bounded = device_timeout(dev, timeout_s)

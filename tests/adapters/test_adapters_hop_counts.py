@@ -79,6 +79,16 @@ class ThreadRuntime:
         assert got.numel() == t.numel() and got.dtype == t.dtype, (purpose, got.shape, t.shape)
         return t.copy_(got.reshape(t.shape))
 
+    def post_send(self, t: torch.Tensor, dst: int, group: Any, purpose: str) -> None:
+        self.send(t, dst, group, purpose)
+
+    def post_recv(self, t: torch.Tensor, src: int, group: Any, purpose: str) -> Callable[[float | None], Any]:
+        return lambda timeout_s: self.recv(t, src, group, purpose, timeout_s)
+
+    def finish(self, posted: Callable[[float | None], Any] | None, timeout_s: float | None = None) -> None:
+        if posted is not None:
+            posted(timeout_s)
+
     def broadcast(self, t: torch.Tensor, src: int, group: Any, purpose: str, timeout_s: float | None = None
                   ) -> torch.Tensor:
         if src != self.rank:
@@ -179,3 +189,30 @@ def test_relayed_headers_of_valid_envelopes_are_valid() -> None:
         env = PPEnvelopeV1(action=action, call_id=7, cache_epoch=2)
         preflight.validate_envelope(env, geometry, 6)
         preflight.validate_tp_header(relay_header(env), geometry, 6)
+
+
+def test_the_leader_posts_the_receives_of_an_envelopes_tensors_with_its_metadata() -> None:
+    """The PP channel's leader end posts the announced tensors' receives as soon as the envelope's metadata
+    decoded (its relay machine validates while they travel); ``recv_tensors`` waits for exactly those, and
+    refuses specs it did not post (a local error: nothing is received out of step)."""
+    from pp1.adapters.front.engine import announce
+    from pp1.protocol.errors import LocalProtocolError
+
+    opts = JobOptions(topology="pp1", tp=1, preset="micro")
+    cfg = run_config(opts)
+    queues: dict[tuple[str, int, int], queue.Queue] = defaultdict(queue.Queue)
+    front_rt, leader_rt = (ThreadRuntime(cfg, r, queues) for r in (0, 1))
+    geometry = hop.minimal_context(front_rt, opts).pipeline.geometry  # type: ignore[arg-type]
+    front, leader = (PPChannel(rt, geometry, send_timeout_s=5.0) for rt in (front_rt, leader_rt))  # type: ignore[arg-type]
+    tensors = [torch.randn(geometry.conditioning_shape()), torch.randn(geometry.noise_shape())]
+    env = announce(PPEnvelopeV1(action=Action.INFER, call_id=1, chunk_index=0, cache_epoch=0, init_cache=True), tensors)
+    for _ in range(2):
+        front.send_envelope(env, tensors, preflight=False)
+    got = leader.recv_envelope(until=None)
+    assert got.tensors == env.tensors
+    received = leader.recv_tensors(got.tensors, timeout_s=5.0)
+    assert all(torch.equal(a, b) for a, b in zip(received, tensors, strict=True))
+    leader.recv_envelope(until=None)
+    with pytest.raises(LocalProtocolError) as e:
+        leader.recv_tensors(got.tensors[:1], timeout_s=5.0)
+    assert e.value.code == "not_posted"
