@@ -12,6 +12,11 @@
 #    preset writes bench-<gpu>x<count>-<preset>.json/.md into $OUT (default bench-out/) after every
 #    configuration, so a run cut short keeps what it measured.
 #
+# HOP=1: `pp1 bench --hop` instead (the protocol hop against the raw transport, one row per preset; default
+# presets "tiny krea-14b-shape"; DEVICE=cpu runs it on this host's CPUs over gloo, DEVICE=cuda needs 2 GPUs);
+# label hop-<gpu>x<count> (hop-cpu-<cores>c on the CPU). SRC: the checkout the shim maps (default this one; a
+# copy of an older tree measures "before" with this script).
+#
 # Knobs (environment): OUT, PRESETS ("krea-14b-shape wan-1.3b-shape"), CONFIGS (e.g. "pp1:3,tp:4,tp:1";
 # default: all that fit), CHUNKS (10 measured), WARMUP (2 dropped), DTYPE (bfloat16), RECOMPUTE_EVERY (1),
 # BUDGET_S (whole script, 540: later configurations are skipped), CONFIG_TIMEOUT_S (300 per job),
@@ -29,7 +34,9 @@ export PYTHONUNBUFFERED=1
 
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-PRESETS=${PRESETS:-krea-14b-shape wan-1.3b-shape}
+HOP=${HOP:-0}
+if [ "$HOP" = 1 ]; then PRESETS=${PRESETS:-tiny krea-14b-shape}; else PRESETS=${PRESETS:-krea-14b-shape wan-1.3b-shape}; fi
+SRC=$(cd "${SRC:-$ROOT}" && pwd)
 CHUNKS=${CHUNKS:-10}
 WARMUP=${WARMUP:-2}
 DTYPE=${DTYPE:-$([ "$DEVICE" = cuda ] && echo bfloat16 || echo float32)}
@@ -67,9 +74,9 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 SHIM=${SHIM:-/tmp/pp1-shim}
 rm -rf "$SHIM"
 mkdir -p "$SHIM/pp1"
-for f in "$ROOT"/pp1/*; do ln -s "$f" "$SHIM/pp1/"; done
-for sub in protocol fsm pipelines adapters server; do  # [tool.setuptools.package-dir] in pyproject.toml
-  [ -d "$ROOT/$sub" ] && ln -s "$ROOT/$sub" "$SHIM/pp1/$sub"
+for f in "$SRC"/pp1/*; do ln -s "$f" "$SHIM/pp1/"; done
+for sub in protocol fsm pipelines adapters server testing; do  # [tool.setuptools.package-dir] in pyproject.toml
+  [ -d "$SRC/$sub" ] && ln -s "$SRC/$sub" "$SHIM/pp1/$sub"
 done
 export PYTHONPATH="$SHIM:$PYTHONPATH"
 # Python puts the working directory first on sys.path: from the repository root, its pp1/ (the CLI folder
@@ -99,6 +106,16 @@ fi
 
 # -- 4. the bench, preset by preset, inside the budget ---------------------------------------------------
 status=0
+if [ "$HOP" = 1 ]; then
+  tag=$([ "$DEVICE" = cuda ] && echo "$GPU_TAG" || echo "cpu-$(nproc)c")
+  label="${LABEL:-hop-$tag}"
+  say "hop: presets $PRESETS on $DEVICE -> $OUT_DIR/bench-$label.json/.md"
+  timeout -k 60 "$BUDGET_S" "$PY" -m pp1 bench --hop --device "$DEVICE" --hop-presets "$(echo $PRESETS | tr ' ' ',')" \
+    --out "$OUT_DIR" --label "$label" ${DTYPE:+--dtype "$DTYPE"}
+  rc=$?
+  say "hop done in $(( $(date +%s) - T0 )) s (exit $rc); results in $OUT_DIR"
+  exit $rc
+fi
 set -- $PRESETS
 while [ $# -gt 0 ]; do
   preset=$1

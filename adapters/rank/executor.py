@@ -125,7 +125,7 @@ class Executor:
     def feed(self, event: Event) -> None:
         """Feed one event; its intents go first."""
         out = self.machine.handle(event)
-        if out:
+        if out and log.isEnabledFor(logging.DEBUG):  # describe() is not free: only when it is logged
             log.debug("%s rank=%d %s -> %s", self.machine.NAME, self.machine.rank, type(event).__name__,
                       describe(out))
         self.pending.extendleft(reversed(out))
