@@ -21,6 +21,12 @@ The rules of the loop, each decided here and nowhere else:
 - Headless runs: after ``max_chunks`` accepted chunks, ``after_chunks="shutdown"`` drains and shuts the job
   down; ``after_chunks="idle"`` keeps heartbeating until a stop request.
 - Heartbeat: a NOOP when nothing was sent or received for H seconds; otherwise ``Idle`` until then.
+- Pacing (a served stream, ``pace``): the mesh may compute faster than the viewers play. A chunk is
+  planned only while the video planned so far runs at most ``pace.lead_s`` ahead of the wall clock
+  (each chunk adds ``pace.chunk_s`` of video; a mesh that falls behind builds no credit); otherwise
+  ``Idle`` until it may. So the viewers' queues hold about a chunk plus the lead, and no frame is made
+  only to be dropped. A start, a pause or a resume of the stream starts the count afresh; a hard cut does
+  not (the viewers' tracks play on). Headless runs (``pp1 run``, ``pp1 bench``) are not paced.
 - Requests (stop, hard cut) come from other threads through the adapter, only between steps
   (``on_stop_requested`` / ``on_cut_requested`` return nothing: they change state, and the next step
   sees it). A stop before serving is kept and applied once serving starts (never lost).
@@ -102,6 +108,20 @@ AfterChunks = Literal["shutdown", "idle", "serve"]  # after max_chunks (serve: n
 FAREWELL_BOUND_S = 1.0  # the best-effort SHUTDOWN after a failure never waits longer than this
 
 
+@dataclass(frozen=True)
+class Pace:
+    """A served stream's pacing (module docstring): ``chunk_s``, the seconds of video one chunk shows (its
+    frames / the stream's fps); ``lead_s``, how far the planned video may run ahead of the wall clock."""
+
+    chunk_s: float
+    lead_s: float
+
+    @classmethod
+    def of(cls, frames_per_chunk: int, fps: float, lead_chunks: float = 0.5) -> Pace:
+        chunk_s = frames_per_chunk / fps
+        return cls(chunk_s=chunk_s, lead_s=lead_chunks * chunk_s)
+
+
 @dataclass
 class _Outstanding:
     """A received chunk the loop still owes a decode (overlap depth 1), or the PING in flight."""
@@ -140,6 +160,7 @@ class FrontMachine(RoleMachine):
         max_chunks: int | None = None,
         after_chunks: AfterChunks = "shutdown",
         streaming: bool = True,
+        pace: Pace | None = None,
         lifecycle: LifecycleMachine | None = None,
         **ctx: Any,
     ) -> None:
@@ -155,6 +176,9 @@ class FrontMachine(RoleMachine):
         self.after_chunks: AfterChunks = after_chunks
         self.streaming = streaming  # a served front starts idle until a session starts the stream
         self.paused = False
+        self.pace = pace
+        self._paced_upto: float | None = None  # wall time the video planned so far reaches (pacing)
+        self._paced_chunk: tuple[int, int] | None = None  # (epoch, chunk index) last counted (a retry is not)
         self.stream_epoch = 0  # the first epoch of the running stream (frames of older ones are not its)
         self.ready: ReadyV1 | None = None
         self.shown = 0  # chunks shown (every epoch)
@@ -345,11 +369,14 @@ class FrontMachine(RoleMachine):
         if self._cut("stream started" if on else "stream stopped", seed, recompute_every):
             self.streaming, self.paused = on, False
             self.stream_epoch = self.chunk.cache_epoch
+            self._paced_upto = None
         return []
 
     def on_pause_requested(self, paused: bool, now: float) -> list[Intent]:
         """Pause: no new chunk is planned (heartbeats keep flowing), the cache is kept; resume plans again."""
         if self.state == SERVING and not self.is_terminal:
+            if paused != self.paused:
+                self._paced_upto = None
             self.paused = paused
         return []
 
@@ -393,10 +420,11 @@ class FrontMachine(RoleMachine):
         plan: ChunkPlan | None = None
         if c.state == CLOSING:
             plan = c.plan_shutdown()
-        elif c.state == IDLE and self.wants_chunks:
+        elif c.state == IDLE and self.wants_chunks and self._paced_until(now) is None:
             if self._pending is not None and self._needs_decoded_first():
                 return [self._decode()]  # the frame to re-encode is in chunk k: decode it before k+1 goes
             plan = c.plan_next(now)
+            self._count_paced(plan, now)
         elif c.state == IDLE and c.noop_due(now):
             plan = c.plan_noop(now)
         if plan is not None:
@@ -408,7 +436,24 @@ class FrontMachine(RoleMachine):
             assert due is not None
             return [AwaitResult(until=due)]
         last = c.last_activity if c.last_activity is not None else now
-        return [Idle(until=last + c.heartbeat_s)]
+        until = last + c.heartbeat_s
+        held = self._paced_until(now) if c.state == IDLE and self.wants_chunks else None
+        return [Idle(until=until if held is None else min(until, held))]
+
+    def _paced_until(self, now: float) -> float | None:
+        """When the next chunk may be planned, if not now (pacing: the module docstring)."""
+        if self.pace is None or self._paced_upto is None:
+            return None
+        due = self._paced_upto - self.pace.lead_s
+        return due if due > now else None
+
+    def _count_paced(self, plan: ChunkPlan, now: float) -> None:
+        """A chunk planned: its video is counted once (a retry of the same chunk is not)."""
+        key = (plan.cache_epoch, plan.chunk_index)
+        if self.pace is None or key == self._paced_chunk:
+            return
+        self._paced_chunk = key
+        self._paced_upto = max(self._paced_upto or now, now) + self.pace.chunk_s
 
     def _needs_decoded_first(self) -> bool:
         c = self.chunk

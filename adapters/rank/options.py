@@ -144,6 +144,8 @@ class JobOptions:
     port: int = opt(8000, "--port", "the server's port (0: any free port)", to=SERVER, parse=int)
     fps: float = opt(16.0, "--fps", "the stream's frame rate at the browser (frames are paced at it)", to=SERVER,
                      parse=float)
+    no_pace: bool = opt(False, "--no-pace", "plan chunks as fast as the mesh computes them, not at the stream's "
+                        "frame rate (frames beyond a viewer's queue are then dropped)", to=SERVER, kind="flag")
     max_viewers: int = opt(16, "--max-viewers", "peers at once: the session and its watchers", to=SERVER, parse=int)
     max_restarts: int = opt(0, "--max-restarts", "torchrun restarts the whole job after a failure this many times "
                             "(the viewer page reconnects)", to=LAUNCH_SERVE, parse=int)

@@ -27,9 +27,10 @@ from pp1.adapters.transport.inprocess import InProcessChannel
 from pp1.adapters.transport.interface import FrontEnd
 from pp1.fsm.chunk import ChunkMachine
 from pp1.fsm.events import EnvelopeReceived
-from pp1.fsm.front import FrontMachine
+from pp1.fsm.front import FrontMachine, Pace
 from pp1.fsm.intents import EXIT_FAILED, EXIT_OK
 from pp1.protocol.messages import PPEnvelopeV1
+from pp1.protocol.schedule import FRAMES_PER_LATENT
 
 log = logging.getLogger("pp1.adapters.roles.front")
 
@@ -45,12 +46,17 @@ def chunk_machine(ctx: RankContext) -> ChunkMachine:
 
 
 def front_machine(ctx: RankContext, *, ping: bool, overlap: bool) -> FrontMachine:
+    """The front's loop. A served front (``after_chunks="serve"``) paces its chunks at the stream's frame rate
+    (``--fps``; ``--no-pace``: as fast as the mesh computes); headless runs are never paced."""
     opts = ctx.options
+    served = opts.after_chunks == "serve"
+    pace = Pace.of(FRAMES_PER_LATENT * ctx.pipeline.geometry.latent_frames, opts.fps) if served and not opts.no_pace \
+        else None
     return FrontMachine(
         ctx.rt.rank, chunk=chunk_machine(ctx), geometry=ctx.pipeline.geometry, overlap=overlap, ping=ping,
         warm_timeout_s=4 * ctx.config.watchdog_s, ready_timeout_s=opts.ready_timeout_s,
         max_chunks=None if opts.after_chunks == "serve" else opts.chunks, after_chunks=opts.after_chunks,
-        streaming=opts.after_chunks != "serve", lifecycle=ctx.lifecycle,
+        streaming=not served, pace=pace, lifecycle=ctx.lifecycle,
         role=ctx.rt.role,
     )
 

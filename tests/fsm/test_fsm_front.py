@@ -24,7 +24,7 @@ from pp1.fsm.events import (
     TimedOut,
     Woke,
 )
-from pp1.fsm.front import FAREWELL_BOUND_S, FrontMachine
+from pp1.fsm.front import FAREWELL_BOUND_S, FrontMachine, Pace
 from pp1.fsm.intents import (
     EXIT_FAILED,
     EXIT_OK,
@@ -395,3 +395,80 @@ def test_decoded_for_another_call_fails_locally() -> None:
     assert isinstance(f.handle(Decoded(first.envelope.call_id, 1.0))[-1], Exit)
     assert f.failure is not None and f.failure.kind == "local"
 
+
+
+# -- pacing: a served stream is planned at its frame rate --------------------------------------------------
+
+
+def _drive(f: FrontMachine, first: SendEnvelope, *, until: float, mesh_s: float = 0.0,
+           events: dict[float, Any] | None = None) -> list[tuple[float, PPEnvelopeV1]]:
+    """Run the loop on a virtual clock with a mesh answering each envelope after ``mesh_s``: every
+    ``Idle(until)`` advances the clock; ``events`` (time -> event) are fed at the first step at or after their
+    time. Returns (send time, envelope) of each INFER sent before ``until``."""
+    now, sent, pending = 0.0, [], sorted((events or {}).items())
+    out: list[Intent] = [first]
+    in_flight: tuple[float, PPEnvelopeV1] | None = None
+    while now < until:
+        while pending and pending[0][0] <= now:
+            out = f.handle(pending.pop(0)[1]) + out
+        it = out.pop(0) if out else None
+        if isinstance(it, SendEnvelope):
+            if it.envelope.action is Action.INFER:
+                sent.append((now, it.envelope))
+            in_flight = (now, it.envelope)
+            out = f.handle(Sent(now)) + out
+        elif isinstance(it, AwaitResult):
+            assert in_flight is not None
+            now = max(now, in_flight[0] + mesh_s)
+            assert it.until >= now
+            env, in_flight = in_flight[1], None
+            out = f.handle(ResultReceived(answer(env), now)) + out
+        elif isinstance(it, Decode):
+            out = f.handle(Decoded(it.call_id, now)) + out
+        elif isinstance(it, NextStep) or it is None:
+            out = f.handle(Woke(now)) + out
+        elif isinstance(it, Idle):
+            assert it.until > now, (it, now)
+            now = min(it.until, pending[0][0]) if pending and pending[0][0] > now else it.until
+            out = [NextStep(), *out]  # woken after the events due by then
+        elif isinstance(it, KeepLatents | Show):
+            continue
+        else:
+            raise AssertionError(f"unexpected {it!r}")
+    return sent
+
+
+def test_a_paced_stream_plans_its_chunks_at_the_frame_rate() -> None:
+    """A mesh that answers at once: chunks go out one chunk's video time apart (after the first chunk and the
+    lead), so the video planned never runs more than the lead (+ the chunk being planned) ahead of the clock;
+    unpaced, the same loop sends as fast as it is answered."""
+    pace = Pace(chunk_s=0.75, lead_s=0.375)
+    f, first = serving(pace=pace)
+    sent = _drive(f, first, until=30.0)
+    times = [t for t, _ in sent]
+    assert 39 <= len(times) <= 42  # 30 s of video at 0.75 s a chunk, + the lead
+    gaps = [b - a for a, b in zip(times[2:], times[3:], strict=False)]
+    assert all(g == pytest.approx(0.75) for g in gaps), gaps
+    for n, t in enumerate(times):
+        assert (n + 1) * pace.chunk_s <= t + pace.lead_s + pace.chunk_s + 1e-9  # never further ahead
+    unpaced, first = serving()
+    assert len(_drive(unpaced, first, until=0.5, mesh_s=0.01)) >= 40
+
+
+def test_a_mesh_slower_than_the_frame_rate_is_never_held() -> None:
+    """Slower than the frame rate: every chunk goes out as soon as the last one is back (nothing held)."""
+    pace = Pace(chunk_s=0.5, lead_s=0.25)
+    f, first = serving(pace=pace)
+    sent = [t for t, _ in _drive(f, first, until=10.0, mesh_s=1.0)]
+    assert [b - a for a, b in zip(sent, sent[1:], strict=False)] == pytest.approx([1.0] * (len(sent) - 1))
+
+
+def test_pausing_or_restarting_the_stream_restarts_the_pacing_count() -> None:
+    from pp1.fsm.events import PauseRequested
+
+    pace = Pace(chunk_s=1.0, lead_s=0.5)
+    f, first = serving(pace=pace)
+    sent = _drive(f, first, until=3.2, events={1.0: PauseRequested(True, 1.0), 2.0: PauseRequested(False, 2.0)})
+    times = [t for t, _ in sent]
+    assert times[0] == 0.0 and 2.0 in times  # resumed at once, not held by the count from before the pause
+    assert all(t < 1.0 or t >= 2.0 for t in times)
