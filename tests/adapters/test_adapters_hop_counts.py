@@ -12,7 +12,6 @@ import itertools
 import queue
 import threading
 import types
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,15 @@ from pp1.protocol.config import RunConfig
 from pp1.protocol.messages import Action, PPEnvelopeV1, relay_header
 
 CPU_GROUPS = ("world_cpu", "mesh_cpu", "pair_cpu")
+
+
+class Queues(dict):
+    """(group, src, dst) -> the queue of that link, made on first use by whichever thread comes first. Not a
+    ``defaultdict``: its factory runs Python code, so two threads missing the same key at once could each
+    install a queue, one overwriting the other with a message already in it (a lost message, a hang)."""
+
+    def __missing__(self, key: tuple[str, int, int]) -> queue.Queue:
+        return self.setdefault(key, queue.Queue())
 
 
 class ThreadRuntime:
@@ -135,7 +143,7 @@ def run_hop_job(tp: int, chunks: int) -> None:
     """Front + a mesh of ``tp`` (threads): startup, ``chunks`` round trips of the hop's front, SHUTDOWN."""
     opts = JobOptions(topology="pp1", tp=tp, preset="micro")
     cfg = run_config(opts)
-    queues: dict[tuple[str, int, int], queue.Queue] = defaultdict(queue.Queue)
+    queues = Queues()
     ctxs = [hop.minimal_context(ThreadRuntime(cfg, r, queues), opts) for r in range(cfg.world_size)]  # type: ignore[arg-type]
     codes: dict[int, Any] = {}
 
@@ -200,7 +208,7 @@ def test_the_leader_posts_the_receives_of_an_envelopes_tensors_with_its_metadata
 
     opts = JobOptions(topology="pp1", tp=1, preset="micro")
     cfg = run_config(opts)
-    queues: dict[tuple[str, int, int], queue.Queue] = defaultdict(queue.Queue)
+    queues = Queues()
     front_rt, leader_rt = (ThreadRuntime(cfg, r, queues) for r in (0, 1))
     geometry = hop.minimal_context(front_rt, opts).pipeline.geometry  # type: ignore[arg-type]
     front, leader = (PPChannel(rt, geometry, send_timeout_s=5.0) for rt in (front_rt, leader_rt))  # type: ignore[arg-type]
