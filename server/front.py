@@ -81,6 +81,7 @@ class RankFront:
             pipeline=getattr(factory, "name", cfg.pipeline), preset=cfg.preset, topology=cfg.topology,
             mesh_size=cfg.mesh_size, world_size=cfg.world_size, width=g.latent_width * VAE_SPATIAL,
             height=g.latent_height * VAE_SPATIAL, fps=fps, chunk_frames=FRAMES_PER_LATENT * g.latent_frames,
+            paced=not ctx.options.no_pace,
             reference_weights=cfg.pipeline == DEFAULT_PIPELINE, supported_parameters=SUPPORTED,
             default_prompt=ctx.options.prompt,
         )

@@ -142,6 +142,8 @@ class FrontInfo(_Frozen):
     height: int = Field(..., ge=1)
     fps: float = Field(..., gt=0, description="the stream's frame rate: frames are paced at it")
     chunk_frames: int = Field(..., ge=1, description="video frames a chunk decodes to (steady state)")
+    paced: bool = Field(False, description="chunks are planned at fps: a faster mesh waits (the stream's "
+                        "period is then the frame rate's, the mesh's own time is mesh_ms); False: --no-pace")
     reference_weights: bool = Field(..., description="True: random seeded weights (the picture is noise by design)")
     supported_parameters: frozenset[str] = Field(..., description="StreamParameters fields the front honours")
     input_modes: frozenset[InputMode] = frozenset({"text"})

@@ -49,7 +49,7 @@ function showStatus(s) {
   const i = s.info;
   state.info = i;
   $("job").textContent = `pipeline ${i.pipeline} · preset ${i.preset} · ${i.topology === "pp1" ? "PP1: front + TP=" + i.mesh_size : "pure TP=" + i.mesh_size}` +
-    ` · ${i.width}×${i.height} @ ${fmt(i.fps)} fps`;
+    ` · ${i.width}×${i.height} @ ${fmt(i.fps)} fps` + (i.paced ? " (paced: the mesh waits for the viewers)" : "");
   const notice = $("notice");
   if (i.reference_weights) {
     notice.style.display = "block";

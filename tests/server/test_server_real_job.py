@@ -64,6 +64,7 @@ def test_the_real_job_streams_follows_a_prompt_change_and_drains_on_sigterm() ->
         status = seen["status"]["front"]  # type: ignore[index]
         assert seen["frames"] >= 32 and seen["span_s"] >= 1.5  # >= 2 s of video at 16 fps, paced
         assert seen["mean_diff"] > 1.0  # the new prompt's frames are another picture
+        assert seen["status"]["info"]["paced"] is True  # type: ignore[index]
         viewers = seen["status"]["server"]["viewers"]  # type: ignore[index]
         # the tiny mesh computes far faster than 16 fps: the front paces it, so no viewer's queue overflows
         assert viewers and all(v["frames_dropped"] == 0 for v in viewers), viewers
