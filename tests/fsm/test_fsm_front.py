@@ -400,9 +400,10 @@ def test_decoded_for_another_call_fails_locally() -> None:
 # -- pacing: a served stream is planned at its frame rate --------------------------------------------------
 
 
-def _drive(f: FrontMachine, first: SendEnvelope, *, until: float, mesh_s: float = 0.0,
+def _drive(f: FrontMachine, first: SendEnvelope, *, until: float, mesh_s: float | Any = 0.0,
            events: dict[float, Any] | None = None) -> list[tuple[float, PPEnvelopeV1]]:
-    """Run the loop on a virtual clock with a mesh answering each envelope after ``mesh_s``: every
+    """Run the loop on a virtual clock with a mesh answering each envelope after ``mesh_s`` (seconds, or a
+    function of the send time): every
     ``Idle(until)`` advances the clock; ``events`` (time -> event) are fed at the first step at or after their
     time. Returns (send time, envelope) of each INFER sent before ``until``."""
     now, sent, pending = 0.0, [], sorted((events or {}).items())
@@ -419,7 +420,7 @@ def _drive(f: FrontMachine, first: SendEnvelope, *, until: float, mesh_s: float 
             out = f.handle(Sent(now)) + out
         elif isinstance(it, AwaitResult):
             assert in_flight is not None
-            now = max(now, in_flight[0] + mesh_s)
+            now = max(now, in_flight[0] + (mesh_s(in_flight[0]) if callable(mesh_s) else mesh_s))
             assert it.until >= now
             env, in_flight = in_flight[1], None
             out = f.handle(ResultReceived(answer(env), now)) + out
@@ -461,6 +462,17 @@ def test_a_mesh_slower_than_the_frame_rate_is_never_held() -> None:
     f, first = serving(pace=pace)
     sent = [t for t, _ in _drive(f, first, until=10.0, mesh_s=1.0)]
     assert [b - a for a, b in zip(sent, sent[1:], strict=False)] == pytest.approx([1.0] * (len(sent) - 1))
+
+
+def test_a_mesh_that_was_slow_does_not_burst_when_it_gets_fast() -> None:
+    """Slow for 5 s (1 s a chunk of 0.5 s of video), then instant: the time lost is not made up by a burst;
+    from then on the chunks go out at the frame rate, at most the lead ahead of the clock."""
+    pace = Pace(chunk_s=0.5, lead_s=0.25)
+    f, first = serving(pace=pace)
+    sent = [t for t, _ in _drive(f, first, until=10.0, mesh_s=lambda t: 1.0 if t < 5.0 else 0.0)]
+    fast = [t for t in sent if t >= 5.0]
+    assert len(fast) <= (10.0 - 5.0) / pace.chunk_s + 2, fast
+    assert all(b - a >= pace.chunk_s - 1e-9 for a, b in zip(fast[1:], fast[2:], strict=False)), fast
 
 
 def test_pausing_or_restarting_the_stream_restarts_the_pacing_count() -> None:
