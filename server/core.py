@@ -83,6 +83,7 @@ class ServerCore:
         self.started_at = time.time()
         self.frames_in = 0
         self.frames_dropped = 0
+        self._epoch: int | None = None  # the newest epoch whose frames came
         self.queue_frames = settings.queue_frames or max(2 * self.info.chunk_frames, round(self.info.fps))
         self._frames_sent_closed = 0  # frames sent by peers that are gone
         self._front_lock = asyncio.Lock()
@@ -138,6 +139,8 @@ class ServerCore:
         n = int(frames.shape[0])
         self.frames_in += n
         self.metrics.frames_in.inc(n)
+        newer = self._epoch is not None and batch.cache_epoch > self._epoch  # a hard cut's first frames
+        self._epoch = batch.cache_epoch if self._epoch is None else max(self._epoch, batch.cache_epoch)
         if not self.machine.forwards_frames:
             self.frames_dropped += n
             self.metrics.frames_dropped.labels(reason="not_live").inc(n)
@@ -145,6 +148,8 @@ class ServerCore:
         for peer in list(self.peers.values()):
             if peer.closed:
                 continue
+            if newer and (old := peer.queue.supersede()):
+                self.metrics.frames_dropped.labels(reason="superseded").inc(old)
             dropped = sum(peer.queue.put(frames[i]) for i in range(n))
             if dropped:
                 self.frames_dropped += dropped
@@ -393,7 +398,8 @@ class ServerCore:
     # -- reports ----------------------------------------------------------------------------------------
     def server_status(self) -> ServerStatus:
         viewers = [ViewerStatus(id=p.id, kind=p.kind, connection=p.connection, frames_sent=p.track.sent,
-                                frames_dropped=p.queue.dropped, queued=len(p.queue), fps=p.track.fps_sent())
+                                frames_dropped=p.queue.dropped, frames_superseded=p.queue.superseded,
+                                queued=len(p.queue), fps=p.track.fps_sent())
                    for p in self.peers.values()]
         return ServerStatus(session_state=self.machine.state, session_id=self.machine.session_id, viewers=viewers,
                             frames_in=self.frames_in, frames_dropped=self.frames_dropped, started_at=self.started_at)

@@ -1,5 +1,6 @@
 """Frames from the front to each viewer's video track: a bounded queue per viewer (drop oldest,
-counted) and a track that paces frames at the stream's frame rate.
+counted; a newer epoch's frames supersede what is left of an older one) and a track that paces frames at
+the stream's frame rate.
 
 Everything here runs on the server's event-loop thread; frames arrive there from the front's
 comms thread through ``loop.call_soon_threadsafe`` (``pp1.server.core``).
@@ -41,6 +42,7 @@ class FrameQueue:
         self._frames: deque[np.ndarray] = deque()
         self._ready = asyncio.Event()
         self.dropped = 0
+        self.superseded = 0  # frames of an older epoch dropped when a newer epoch's frames came
         self.put_total = 0
 
     def __len__(self) -> int:
@@ -57,6 +59,14 @@ class FrameQueue:
         self.put_total += 1
         self._ready.set()
         return dropped
+
+    def supersede(self) -> int:
+        """Drop every queued frame: a newer epoch's frames came (after a hard cut, the video jumps anyway; the
+        older frames would only delay the new ones). Returns how many were dropped (counted apart)."""
+        n = len(self._frames)
+        self._frames.clear()
+        self.superseded += n
+        return n
 
     async def get(self) -> np.ndarray:
         while not self._frames:

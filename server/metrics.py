@@ -21,7 +21,8 @@ class ServerMetrics:
         self.frames_in = Counter("pp1_server_frames_in", "Frames received from the front (decoded chunks x frames)",
                                  registry=r)
         self.frames_dropped = Counter("pp1_server_frames_dropped", "Frames dropped before a viewer's track: "
-                                      "queue_full (oldest dropped), not_live (no live session)", ["reason"],
+                                      "queue_full (oldest dropped), not_live (no live session), superseded (an older epoch's frames "
+                                      "still queued when a hard cut's first frames came)", ["reason"],
                                       registry=r)
         self.offers = Counter("pp1_server_offers", "Offers by outcome", ["kind", "outcome"], registry=r)
         self.refusals = Counter("pp1_server_refusals", "Requests refused (4xx/5xx), by code", ["code"], registry=r)

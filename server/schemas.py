@@ -106,7 +106,8 @@ class ViewerStatus(BaseModel):
     kind: Literal["session", "watcher"]
     connection: str
     frames_sent: int
-    frames_dropped: int
+    frames_dropped: int  # the queue was full: the oldest went
+    frames_superseded: int = 0  # an older epoch's frames still queued when a hard cut's first frames came
     queued: int
     fps: float | None
 

@@ -88,3 +88,36 @@ def test_track_paces_at_fps_and_resumes_at_real_time_after_a_gap(monkeypatch: py
         assert track.sent == 12 and track.fps_sent() is not None
 
     asyncio.run(run())
+
+
+def test_a_newer_epochs_frames_supersede_an_older_ones_still_queued() -> None:
+    """A hard cut restarts the video: when its first frames come, what is left of the older epoch in each
+    viewer's queue goes (counted apart from the full-queue drops), so the new prompt shows at once."""
+    import types
+
+    from pp1.server.core import ServerCore
+    from pp1.server.front_api import FrameBatch
+    from pp1.server.settings import ServerSettings
+    from pp1.testing.fake_front import FakeFront
+
+    front = FakeFront(width=8, height=8, fps=16.0, chunk_frames=4)
+    try:
+        core = ServerCore(front, ServerSettings())
+        core.machine = types.SimpleNamespace(forwards_frames=True)  # type: ignore[assignment]  # a live session
+        q = FrameQueue(capacity=32)
+        core.peers = {"v": types.SimpleNamespace(closed=False, queue=q)}  # type: ignore[dict-item]
+
+        def batch(epoch: int, value: int) -> FrameBatch:
+            return FrameBatch(frames=np.full((4, 8, 8, 3), value, np.uint8), chunk_index=0, cache_epoch=epoch,
+                              call_id=epoch, t_decoded=0.0)
+
+        core._deliver(batch(1, 10))
+        core._deliver(batch(1, 11))
+        assert len(q) == 8 and q.superseded == 0
+        core._deliver(batch(2, 20))
+        assert len(q) == 4 and q.superseded == 8 and q.dropped == 0
+        assert all(int(f[0, 0, 0]) == 20 for f in q._frames)
+        core._deliver(batch(2, 21))
+        assert len(q) == 8 and q.superseded == 8
+    finally:
+        front.close()
