@@ -417,10 +417,11 @@ class FrontMachine(RoleMachine):
             return [self._decode()]
         if self.done and self.after_chunks == "shutdown" and c.state == IDLE:
             self._apply_stop()
+        held = self._paced_until(now) if c.state == IDLE and self.wants_chunks else None
         plan: ChunkPlan | None = None
         if c.state == CLOSING:
             plan = c.plan_shutdown()
-        elif c.state == IDLE and self.wants_chunks and self._paced_until(now) is None:
+        elif c.state == IDLE and self.wants_chunks and held is None:
             if self._pending is not None and self._needs_decoded_first():
                 return [self._decode()]  # the frame to re-encode is in chunk k: decode it before k+1 goes
             plan = c.plan_next(now)
@@ -437,7 +438,6 @@ class FrontMachine(RoleMachine):
             return [AwaitResult(until=due)]
         last = c.last_activity if c.last_activity is not None else now
         until = last + c.heartbeat_s
-        held = self._paced_until(now) if c.state == IDLE and self.wants_chunks else None
         return [Idle(until=until if held is None else min(until, held))]
 
     def _paced_until(self, now: float) -> float | None:

@@ -140,7 +140,8 @@ class ServerCore:
         self.frames_in += n
         self.metrics.frames_in.inc(n)
         newer = self._epoch is not None and batch.cache_epoch > self._epoch  # a hard cut's first frames
-        self._epoch = batch.cache_epoch if self._epoch is None else max(self._epoch, batch.cache_epoch)
+        if self._epoch is None or newer:
+            self._epoch = batch.cache_epoch
         if not self.machine.forwards_frames:
             self.frames_dropped += n
             self.metrics.frames_dropped.labels(reason="not_live").inc(n)

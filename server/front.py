@@ -23,6 +23,7 @@ import torch
 from pp1.adapters.front.engine import FrameBatch as EngineBatch
 from pp1.adapters.front.report import ChunkRecord, EngineOutcome
 from pp1.adapters.roles.context import RankContext
+from pp1.adapters.roles.front import pace_for
 from pp1.fsm.base import FailureCause
 from pp1.fsm.blame import root_cause
 from pp1.fsm.lifecycle import job_load_status
@@ -81,7 +82,7 @@ class RankFront:
             pipeline=getattr(factory, "name", cfg.pipeline), preset=cfg.preset, topology=cfg.topology,
             mesh_size=cfg.mesh_size, world_size=cfg.world_size, width=g.latent_width * VAE_SPATIAL,
             height=g.latent_height * VAE_SPATIAL, fps=fps, chunk_frames=FRAMES_PER_LATENT * g.latent_frames,
-            paced=not ctx.options.no_pace,
+            paced=pace_for(ctx.options, g.latent_frames) is not None,
             reference_weights=cfg.pipeline == DEFAULT_PIPELINE, supported_parameters=SUPPORTED,
             default_prompt=ctx.options.prompt,
         )

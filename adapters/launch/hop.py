@@ -112,7 +112,7 @@ def target_of(device: str) -> dict[str, Any]:
 
 
 def figures(protocol_s: Sequence[float], raw_s: Sequence[float], runtime_s: Sequence[float],
-            device: str, raw_each_s: Sequence[float] = ()) -> dict[str, Any]:
+            raw_each_s: Sequence[float], device: str) -> dict[str, Any]:
     """Each series' statistics, the protocol's ratio to the raw round trip and its overhead (at p50 and p10),
     and whether the target holds. The target is judged against ``raw`` (the bytes posted as the wire posts
     them); ``raw_each`` (one part at a time, the floor before issue 10's second round) is shown beside it."""
@@ -141,7 +141,7 @@ def hop_row(preset: str, device: str, rep: RunReport) -> dict[str, Any]:
         "ok": rep.ok and bool(hop),
         "failure": rep.failure,
         "wall_s": rep.wall_s,
-        **figures(*(hop.get(f"{k}_s") or [] for k in kinds[:3]), device, hop.get("raw_each_s") or []),
+        **figures(*(hop.get(f"{k}_s") or [] for k in kinds), device),
         "envelope": hop.get("envelope"),
         "result": hop.get("result"),
         "messages_per_direction": hop.get("messages_per_direction"),

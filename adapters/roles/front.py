@@ -18,7 +18,7 @@ from pp1.adapters.front.frame_dump import FrameDump
 from pp1.adapters.front.prompt_script import PromptScript
 from pp1.adapters.front.report import EngineOutcome, summarise, write_report
 from pp1.adapters.rank.observe import emit_event
-from pp1.adapters.rank.options import parse_prompt_changes
+from pp1.adapters.rank.options import JobOptions, parse_prompt_changes
 from pp1.adapters.rank.startup import RankExit
 from pp1.adapters.roles.context import RankContext
 from pp1.adapters.roles.leader import LeaderExecutor, leader_machine
@@ -45,18 +45,22 @@ def chunk_machine(ctx: RankContext) -> ChunkMachine:
     )
 
 
+def pace_for(opts: JobOptions, latent_frames: int) -> Pace | None:
+    """A served front (``after_chunks="serve"``) paces its chunks (``latent_frames`` a chunk) at the stream's
+    frame rate (``--fps``; ``--no-pace``: as fast as the mesh computes); headless runs are never paced."""
+    if opts.after_chunks != "serve" or opts.no_pace:
+        return None
+    return Pace.of(FRAMES_PER_LATENT * latent_frames, opts.fps)
+
+
 def front_machine(ctx: RankContext, *, ping: bool, overlap: bool) -> FrontMachine:
-    """The front's loop. A served front (``after_chunks="serve"``) paces its chunks at the stream's frame rate
-    (``--fps``; ``--no-pace``: as fast as the mesh computes); headless runs are never paced."""
     opts = ctx.options
     served = opts.after_chunks == "serve"
-    pace = Pace.of(FRAMES_PER_LATENT * ctx.pipeline.geometry.latent_frames, opts.fps) if served and not opts.no_pace \
-        else None
     return FrontMachine(
         ctx.rt.rank, chunk=chunk_machine(ctx), geometry=ctx.pipeline.geometry, overlap=overlap, ping=ping,
         warm_timeout_s=4 * ctx.config.watchdog_s, ready_timeout_s=opts.ready_timeout_s,
-        max_chunks=None if opts.after_chunks == "serve" else opts.chunks, after_chunks=opts.after_chunks,
-        streaming=not served, pace=pace, lifecycle=ctx.lifecycle,
+        max_chunks=None if served else opts.chunks, after_chunks=opts.after_chunks,
+        streaming=not served, pace=pace_for(opts, ctx.pipeline.geometry.latent_frames), lifecycle=ctx.lifecycle,
         role=ctx.rt.role,
     )
 

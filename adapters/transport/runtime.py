@@ -140,7 +140,7 @@ class DistributedRuntime:
         self.device_waits = DeviceWaits()  # outstanding device ops (the liveness monitor reads them)
         self._double: BlockingDeviceDouble | None = None  # PP1_DEVICE_DOUBLE=blocking (CPU tests)
         self._double_wanted = os.environ.get(ENV_DOUBLE, "") == "blocking" and self.device.type == "cpu"
-        self._group_infos: dict[int, tuple[Any, str, tuple[int, ...]]] = {}
+        self._group_infos: dict[Any, tuple[str, tuple[int, ...]]] = {}  # group -> (name, global ranks)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -364,11 +364,10 @@ class DistributedRuntime:
 
     def _group_info(self, group: Any) -> tuple[str, tuple[int, ...]]:
         """(name, global ranks) of one of this rank's groups (looked up once)."""
-        info = self._group_infos.get(id(group))
-        if info is None or info[0] is not group:
-            info = (group, self.groups.name_of(group), tuple(dist.get_process_group_ranks(group)))
-            self._group_infos[id(group)] = info
-        return info[1], info[2]
+        info = self._group_infos.get(group)
+        if info is None:
+            info = self._group_infos[group] = (self.groups.name_of(group), tuple(dist.get_process_group_ranks(group)))
+        return info
 
     @staticmethod
     def _start(purpose: str, start: Callable[[], Any]) -> Any:

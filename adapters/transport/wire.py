@@ -45,24 +45,20 @@ def _left(end: float | None) -> float | None:
     return None if end is None else max(end - time.monotonic(), 0.001)
 
 
-def _send_control(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int | None, end: float | None) -> None:
-    for part in (frames.header, frames.meta):
-        t = _bytes_tensor(part)
-        if dst is None:
-            rt.broadcast(t, src=rt.rank, group=route.cpu_group, purpose=route.cpu_purpose, timeout_s=_left(end))
-        else:
-            rt.send(t, dst=dst, group=route.cpu_group, purpose=route.cpu_purpose, timeout_s=_left(end))
+def _device_end(device: Any, end: float | None) -> float | None:
+    """The end of a wait on ``device``'s group: ``end`` on gloo, none on NCCL (a timed-out NCCL wait aborts
+    the communicator)."""
+    return end if device_timeout(device, end) is not None else None
 
 
-def _send_tensors(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int | None, end: float | None) -> None:
+def _parts(rt: DistributedRuntime, frames: Frames, route: ChannelGroups,
+           end: float | None) -> list[tuple[torch.Tensor, Any, str, float | None]]:
+    """A message's parts in travel order: (tensor, group, purpose, the end of its wait): header and meta on the
+    CPU group, then the tensors on the device group."""
     dev = rt.tensor_device(route.dev_group)
-    bounded = end if device_timeout(dev, end) is not None else None  # a timed-out NCCL wait aborts the communicator
-    for t in frames.tensors:
-        t = t.to(dev).contiguous()
-        if dst is None:
-            rt.broadcast(t, src=rt.rank, group=route.dev_group, purpose=route.dev_purpose, timeout_s=_left(bounded))
-        else:
-            rt.send(t, dst=dst, group=route.dev_group, purpose=route.dev_purpose, timeout_s=_left(bounded))
+    dev_end = _device_end(dev, end)
+    parts = [(_bytes_tensor(part), route.cpu_group, route.cpu_purpose, end) for part in (frames.header, frames.meta)]
+    return parts + [(t.to(dev).contiguous(), route.dev_group, route.dev_purpose, dev_end) for t in frames.tensors]
 
 
 def send_p2p(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: int, timeout_s: float | None = None) -> None:
@@ -70,11 +66,7 @@ def send_p2p(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: 
     waited for in order. A gloo send completes only once the peer posted its receive, so ``timeout_s``
     bounds the whole message (poisoning after)."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
-    dev = rt.tensor_device(route.dev_group)
-    dev_end = end if device_timeout(dev, end) is not None else None  # a timed-out NCCL wait aborts the communicator
-    parts = [(_bytes_tensor(part), route.cpu_group, route.cpu_purpose, end) for part in (frames.header, frames.meta)]
-    parts += [(t.to(dev).contiguous(), route.dev_group, route.dev_purpose, dev_end) for t in frames.tensors]
-    posted = [(rt.post_send(t, dst, group, purpose), bound) for t, group, purpose, bound in parts]
+    posted = [(rt.post_send(t, dst, group, purpose), bound) for t, group, purpose, bound in _parts(rt, frames, route, end)]
     for p, bound in posted:
         rt.finish(p, _left(bound))
 
@@ -82,8 +74,8 @@ def send_p2p(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, dst: 
 def send_broadcast(rt: DistributedRuntime, frames: Frames, route: ChannelGroups, timeout_s: float | None = None) -> None:
     """Header, meta (CPU group), then tensors (device group) from this rank to the whole group."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
-    _send_control(rt, frames, route, None, end)
-    _send_tensors(rt, frames, route, None, end)
+    for t, group, purpose, bound in _parts(rt, frames, route, end):
+        rt.broadcast(t, src=rt.rank, group=group, purpose=purpose, timeout_s=_left(bound))
 
 
 def _recv_into(
@@ -129,7 +121,7 @@ def post_tensors(rt: DistributedRuntime, specs: Sequence[TensorSpec], route: Cha
 def finish_tensors(rt: DistributedRuntime, posted: PostedTensors, timeout_s: float | None) -> list[torch.Tensor]:
     """Wait for posted tensor receives, in order. ``timeout_s`` applies on gloo device groups only (below)."""
     end = None if timeout_s is None else time.monotonic() + timeout_s
-    bounded = end if device_timeout(posted.tensors[0].device if posted.tensors else "cpu", end) is not None else None
+    bounded = _device_end(posted.tensors[0].device, end) if posted.tensors else None
     for p in posted.works:
         rt.finish(p, _left(bounded))
     return posted.tensors
