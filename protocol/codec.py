@@ -13,7 +13,8 @@ A message travels as three parts, in this order:
        16     4    crc32      zlib.crc32 of the metadata bytes
        20     12   reserved   zero
 
-2. the metadata: canonical JSON (sorted keys, no spaces, ASCII, finite floats) of the pydantic model;
+2. the metadata: the canonical JSON of the pydantic model, pydantic's own (``model_dump_json``: fields in
+   their declared order, no spaces, UTF-8, finite floats);
 3. the tensors, in the order of ``msg.tensors``, each exactly as its spec announces (dtype, shape).
 
 A receiver reads the header, then ``meta_len`` bytes, decodes the message, allocates the announced
@@ -209,32 +210,32 @@ def _first_non_finite(obj: Any, path: str) -> str | None:
     return None
 
 
+def _non_finite_path(msg: Message, where: str) -> str | None:
+    try:
+        return _first_non_finite(msg.model_dump(), where)
+    except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable (the caller's error)
+        return None
+
+
 def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolError) -> bytes:
     """Canonical JSON of a message, checked: serialisable, finite floats, at most MAX_META_BYTES. The one
     place a message becomes JSON (the sender's :func:`encode`, the receiver's canonical check in
-    :func:`decode_meta`)."""
+    :func:`decode_meta`): pydantic's serialiser, compiled, so a hop pays microseconds for it."""
     where = where_of(msg)
     try:
-        # NaN/Inf in a float field stay floats (json.dumps refuses them below); a value not of its field's
-        # type (a model_construct'ed message) raises rather than turning into null
-        obj = msg.model_dump(mode="json", warnings="error")
+        # a value not of its field's type (a model_construct'ed message) raises rather than turning into null
+        meta = type(msg).__pydantic_serializer__.to_json(msg, warnings="error")  # model_dump_json, as bytes
     except Exception as exc:
-        try:
-            bad = _first_non_finite(msg.model_dump(), where)
-        except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable, below
-            bad = None
+        bad = _non_finite_path(msg, where)
         if bad:
             raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
-    try:
-        meta = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode()
-    except (TypeError, ValueError) as exc:
-        bad = _first_non_finite(obj, where)
+    # the models write a non-finite float as a JSON constant (``ser_json_inf_nan``); JSON has none, so it is
+    # refused here (the substring alone may be a string's text: the model then says where, or that none is)
+    if b"NaN" in meta or b"Infinity" in meta:
+        bad = _non_finite_path(msg, where)
         if bad:
-            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
-        raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
+            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float")
     if len(meta) > MAX_META_BYTES:
         raise error_cls(
             where, f"metadata is {len(meta)} bytes > MAX_META_BYTES={MAX_META_BYTES}", "meta_too_large"
@@ -318,11 +319,35 @@ def field_path(where: str, loc: Sequence[int | str]) -> str:
     return out
 
 
-_PYDANTIC_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+_PYDANTIC_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field",
+                   "json_invalid": "bad_json", "json_type": "bad_json", "model_type": "bad_json"}
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite float {name} in metadata")
+
+
+def _refuse_constants(where: str, meta: bytes) -> None:
+    """bad_json when ``meta`` spells NaN or Infinity outside a string (not JSON, though pydantic parses it)."""
+    try:
+        json.loads(meta, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"{where}.meta", f"not valid JSON: {exc}", "bad_json") from None
+
+
+def _decode_error(where: str, exc: ValidationError) -> RemoteProtocolError:
+    """The first of pydantic's errors as the codec's; a version other than this one's is said first (a message
+    of another version may fail on other fields too)."""
+    errors = exc.errors(include_url=False)
+    version = next((e for e in errors if tuple(e["loc"]) == ("version",) and e["type"] == "literal_error"), None)
+    if version is not None:
+        return RemoteProtocolError(f"{where}.version", f"message version {version['input']!r} is not supported",
+                                   "unsupported_version")
+    err = errors[0]
+    code = _PYDANTIC_CODES.get(err["type"], "invalid_field")
+    if code == "bad_json":
+        return RemoteProtocolError(f"{where}.meta", f"not a JSON object: {err['msg']}", code)
+    return RemoteProtocolError(field_path(where, err["loc"]), err["msg"], code)
 
 
 def decode_meta(h: FrameHeader, meta: bytes | bytearray | memoryview) -> Message:
@@ -336,27 +361,15 @@ def decode_meta(h: FrameHeader, meta: bytes | bytearray | memoryview) -> Message
         raise RemoteProtocolError(
             f"{where}.meta", f"crc32 {zlib.crc32(meta):#010x} != header {h.crc:#010x}", "crc_mismatch"
         )
+    if b"NaN" in meta or b"Infinity" in meta:  # pydantic's parser takes these constants; JSON has none
+        _refuse_constants(where, meta)
     try:
-        obj = json.loads(meta.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RemoteProtocolError(f"{where}.meta", f"not valid JSON: {exc}", "bad_json") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError(
-            f"{where}.meta", f"expected a JSON object, got {type(obj).__name__}", "bad_json"
-        )
-    if obj.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
-            f"{where}.version",
-            f"message version {obj.get('version')!r} is not supported",
-            "unsupported_version",
-        )
-    try:
-        msg = MESSAGE_TYPES[h.kind].model_validate(obj)
+        # model_validate_json (pydantic's parser: UTF-8 JSON, then the fields), minus its Python wrapper
+        msg = MESSAGE_TYPES[h.kind].__pydantic_validator__.validate_json(meta)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        code = _PYDANTIC_CODES.get(err["type"], "invalid_field")
-        raise RemoteProtocolError(field_path(where, err["loc"]), err["msg"], code) from None
-    # Lax parsing accepts what no sender emits ("3" for an int, 1.0 for a bool): only the canonical form travels.
+        raise _decode_error(where, exc) from None
+    # Lax parsing accepts what no sender emits ("3" for an int, 1.0 for a bool, spaces, another key order, a
+    # number that overflows to Inf): only the canonical form travels.
     canonical = encode_meta(msg, RemoteProtocolError)
     if canonical != meta:
         raise RemoteProtocolError(

@@ -54,7 +54,8 @@ T_LATENTS_OUT = "latents_out"
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # a non-finite float serialises as a JSON constant (NaN, Infinity) that the codec refuses, never as null
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
     version: Literal[1] = PROTOCOL_VERSION
     tensors: tuple[TensorSpec, ...] = ()

@@ -25,7 +25,7 @@ from pp1.fsm.intents import EXIT_OK, AwaitEnvelope, Exit, RecvTensors, SendReady
 from pp1.fsm.leader import LeaderRelayMachine
 from pp1.pipelines.checksum import checksum
 from pp1.pipelines.interface import Generator
-from pp1.protocol.messages import Action, ReadyV1
+from pp1.protocol.messages import Action, PPResultV1, ReadyV1
 from pp1.protocol.schedule import WEIGHTS_CHECK_EVERY
 
 log = logging.getLogger("pp1.adapters.roles.leader")
@@ -67,7 +67,9 @@ class LeaderExecutor(MeshExecutor):
         if isinstance(it, SendResult):
             out = [self.latents] if it.result.tensors and self.latents is not None else []
             self.front.send_result(it.result, out)
-            return ResultSent(self.clock())
+            now = self.clock()
+            self._log_answered(it.result, now)
+            return ResultSent(now)
         if isinstance(it, SendReady):
             self.ready = it.ready
             self.front.send_ready(it.ready)
@@ -76,6 +78,14 @@ class LeaderExecutor(MeshExecutor):
             self.front.warm_pair(self.warm_timeout_s)
             return PairWarm(self.clock())
         raise TypeError(f"leader: no way to perform {it!r}")
+
+    def _log_answered(self, result: PPResultV1, now: float) -> None:
+        """A call's INFO line, once its result went out (writing it before would delay the front's chunk)."""
+        if result.action is Action.NOOP or not log.isEnabledFor(logging.INFO):
+            return
+        took = "" if self.received_at is None else f" in {(now - self.received_at) * 1000:.1f} ms"
+        log.info("envelope %s call_id=%d chunk_index=%d cache_epoch=%d answered ok=%s%s", result.action.value,
+                 result.call_id, result.chunk_index, result.cache_epoch, result.ok, took)
 
     def peer_of(self, intent: Intent) -> int | None:
         """The front for the PP channel's intents; a TP broadcast or a collective names no one."""
@@ -86,9 +96,8 @@ class LeaderExecutor(MeshExecutor):
     def envelope_received(self, env) -> EnvelopeReceived:  # type: ignore[no-untyped-def]
         now = self.clock()
         self.received_at = now
-        (log.info if env.action is not Action.NOOP else log.debug)(
-            "envelope %s call_id=%d chunk_index=%d cache_epoch=%d", env.action.value, env.call_id,
-            env.chunk_index, env.cache_epoch)
+        log.debug("envelope %s call_id=%d chunk_index=%d cache_epoch=%d received", env.action.value, env.call_id,
+                  env.chunk_index, env.cache_epoch)
         if env.action is Action.INFER:
             self.check_point(f"chunk:{env.chunk_index}")
         return EnvelopeReceived(env, now)

@@ -178,7 +178,7 @@ def test_one_hop_encodes_and_checks_each_message_once_per_side(
     6 encodes, 5 checks. (Before issue 10: 8 / 12 encodes, 4 / 6 checks.)"""
     per_job = []
     for chunks in (2, 5):
-        json_encodes = Counter(monkeypatch, codec, "json", "dumps")  # every canonical encoding, whoever asks
+        json_encodes = Counter(monkeypatch, codec, "encode_meta")  # every canonical encoding, whoever asks
         rule_checks = Counter(monkeypatch, preflight, "check_common")  # the first rule of every validate_*
         run_hop_job(tp, chunks)
         per_job.append((json_encodes.n, rule_checks.n))

@@ -26,7 +26,7 @@ from pp1.protocol.codec import (
     encode_meta,
 )
 from pp1.protocol.errors import LocalProtocolError, RemoteProtocolError
-from pp1.protocol.messages import Action, MessageKind, PPEnvelopeV1, PPResultV1
+from pp1.protocol.messages import Action, ErrorCode, MessageKind, PPEnvelopeV1, PPResultV1
 from pp1.protocol.tensors import TensorSpec
 
 ENV = PPEnvelopeV1(
@@ -67,7 +67,8 @@ def header(
 
 
 def meta_of(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    """``obj`` as the canonical form spells it: keys in the order given (the models' field order), no spaces."""
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 RES_INF = encode(PPResultV1(action=Action.NOOP, ok=True, call_id=1, timings_ms={"decode": 1.5})).meta.replace(
@@ -85,7 +86,7 @@ def with_fields(**kw: Any) -> bytes:
 
 
 def tensor_dtype(d: str) -> bytes:
-    return with_fields(tensors=[{"dtype": d, "name": "noise", "shape": [1, 2]}])
+    return with_fields(tensors=[{"name": "noise", "dtype": d, "shape": [1, 2]}])
 
 
 HEADER_CASES = [
@@ -170,6 +171,13 @@ META_CASES = [
         "non_canonical_meta",
         "envelope.meta",
     ),
+    (  # the canonical form before issue 10's third round: no longer canonical
+        "sorted_keys",
+        header(meta=json.dumps(ENV_OBJ, sort_keys=True, separators=(",", ":")).encode()),
+        json.dumps(ENV_OBJ, sort_keys=True, separators=(",", ":")).encode(),
+        "non_canonical_meta",
+        "envelope.meta",
+    ),
     (
         "spaced_json",
         header(meta=json.dumps(ENV_OBJ, sort_keys=True).encode()),
@@ -190,12 +198,12 @@ META_CASES = [
         header(meta=encode(PPResultV1(action=Action.NOOP, ok=True, call_id=1)).meta),
         encode(PPResultV1(action=Action.NOOP, ok=True, call_id=1)).meta,
         "unknown_field",
-        "envelope.current_start_frame",
+        "envelope.ok",
     ),
     (
         "huge_tensor",
-        header(meta=with_fields(tensors=[{"dtype": "int64", "name": "noise", "shape": [2**20] * 3}])),
-        with_fields(tensors=[{"dtype": "int64", "name": "noise", "shape": [2**20] * 3}]),
+        header(meta=with_fields(tensors=[{"name": "noise", "dtype": "int64", "shape": [2**20] * 3}])),
+        with_fields(tensors=[{"name": "noise", "dtype": "int64", "shape": [2**20] * 3}]),
         "payload_too_large",
         "envelope.tensors",
     ),
@@ -244,3 +252,12 @@ def test_encode_rejects_non_messages() -> None:
     with pytest.raises(LocalProtocolError) as info:
         encode({"action": "noop"})  # type: ignore[arg-type]
     assert info.value.code == "bad_message"
+
+
+def test_constants_and_non_ascii_inside_strings_travel() -> None:
+    """The canonical form is UTF-8, and a string may spell NaN or Infinity (only a float may not)."""
+    res = PPResultV1(action=Action.NOOP, ok=False, call_id=1, error_code=ErrorCode.GENERATOR_FAILED,
+                     error_message="NaN -Infinity in the latents: ßé 漢")
+    f = encode(res)
+    assert "漢".encode() in f.meta
+    assert decode(f.header, f.meta) == res
