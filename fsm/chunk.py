@@ -500,7 +500,7 @@ class ChunkMachine(ProtocolMachine):
         """The front's tripwires (shared with the protocol's rules): the ids match what was sent
         and, when ok, observed generator calls == expected."""
         try:
-            check_result_matches(result, envelope_from_plan(plan), RemoteProtocolError)
+            check_result_matches(result, plan, RemoteProtocolError)  # a plan is the envelope sent, plus its build
         except RemoteProtocolError as err:
             return err
         return None
