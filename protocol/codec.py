@@ -212,7 +212,7 @@ def _first_non_finite(obj: Any, path: str) -> str | None:
 
 def _non_finite_path(msg: Message, where: str) -> str | None:
     try:
-        return _first_non_finite(msg.model_dump(), where)
+        return _first_non_finite(msg.model_dump(warnings=False), where)  # only to say where: no warning
     except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable (the caller's error)
         return None
 
