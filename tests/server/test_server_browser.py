@@ -109,6 +109,7 @@ def test_viewer_page_streams_changes_prompt_and_reconnects_after_a_restart() -> 
                 page.screenshot(path=str(shot))
                 rows = page.inner_text("#ranks")
                 assert rows.count("serving") == 3, rows
+                assert "frames superseded by cuts" in page.inner_text("#figures")
 
                 # the job restarts: the server goes away, comes back on the same port with a new front
                 t_down = time.monotonic()
