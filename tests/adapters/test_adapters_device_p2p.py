@@ -75,6 +75,9 @@ class FakeDist:
     def irecv(self, t: torch.Tensor, src: int, group: Any) -> FakeWork:
         return self._post("irecv", t, src, group)
 
+    def all_reduce(self, t: torch.Tensor, op: Any, group: Any, async_op: bool) -> FakeWork:
+        return self._post("all_reduce", t, -1, group)
+
     def get_process_group_ranks(self, group: Any) -> list[int]:
         return [0, 1]
 
@@ -164,6 +167,22 @@ def test_posted_tensor_receives_are_waited_for_unbounded_on_the_device(gpu_front
     assert len(rt.device_waits.outstanding()) == 2
     got = wire.finish_tensors(rt, posted, timeout_s=5.0)
     assert got is posted.tensors and [w[2] for w in fake.log[2:]] == [None, None]
+    for w in fake.works:
+        w.completed = True
+    assert rt.device_waits.outstanding() == ()
+
+
+def test_device_collectives_are_numbered_and_outstanding_until_completed(gpu_front) -> None:  # type: ignore[no-untyped-def]
+    """A collective on a device group counts (its number on the group, what the liveness monitor compares across
+    ranks) and stays outstanding after its CPU wait, like a point-to-point op."""
+    rt, fake, _ = gpu_front
+    rt.groups.mesh_dev = FakeGroup()
+    fake.groups[id(rt.groups.mesh_dev)] = "mesh_dev"
+    x = torch.empty(4, device=META)
+    for _ in range(2):
+        rt.all_reduce(x, op=None, group=rt.groups.mesh_dev, purpose="tp_all_reduce")
+    assert [(w.group, w.seq) for w in rt.device_waits.outstanding()] == [("mesh_dev", 1), ("mesh_dev", 2)]
+    assert rt.device_waits.seqs() == {"mesh_dev": 2}
     for w in fake.works:
         w.completed = True
     assert rt.device_waits.outstanding() == ()
