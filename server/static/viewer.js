@@ -83,13 +83,15 @@ function showStatus(s) {
 
 async function poll() {
   try {
-    const rr = await fetch("/ready", { cache: "no-store" });
+    // both answers first, then the page in one go: "ready" never shows beside the figures of an older poll
+    const [rr, sr] = await Promise.all([fetch("/ready", { cache: "no-store" }),
+                                        fetch("/api/v1/status", { cache: "no-store" })]);
     const ready = await rr.json();
+    const status = sr.ok ? await sr.json() : null;
     state.ready = rr.status === 200;
+    if (status) showStatus(status);
     $("ready").textContent = state.ready ? "ready" : "not ready: " + ready.reason;
     $("ready").className = state.ready ? "ok" : "bad";
-    const sr = await fetch("/api/v1/status", { cache: "no-store" });
-    if (sr.ok) showStatus(await sr.json());
     if (state.ready && state.wanted && !state.pc && !state.connecting) connect(state.wanted);
   } catch (e) {
     state.ready = false;
