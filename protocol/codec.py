@@ -210,11 +210,20 @@ def _first_non_finite(obj: Any, path: str) -> str | None:
     return None
 
 
-def _non_finite_path(msg: Message, where: str) -> str | None:
+def _spells_constant(meta: bytes) -> bool:
+    """Whether ``meta`` may hold a JSON constant (NaN, Infinity): the models write a non-finite float as one
+    (``ser_json_inf_nan``) and pydantic's parser takes one, but JSON has none. A hit may be a string's text:
+    the callers then look closer."""
+    return b"NaN" in meta or b"Infinity" in meta
+
+
+def _non_finite_error(msg: Message, where: str, error_cls: type[ProtocolError]) -> ProtocolError | None:
+    """``non_finite_float`` at the first non-finite float field of ``msg``, if it has one."""
     try:
-        return _first_non_finite(msg.model_dump(warnings=False), where)  # only to say where: no warning
+        bad = _first_non_finite(msg.model_dump(warnings=False), where)  # only to say where: no warning
     except Exception:  # noqa: BLE001 - not even a Python dump: not serialisable (the caller's error)
         return None
+    return error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") if bad else None
 
 
 def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolError) -> bytes:
@@ -226,16 +235,14 @@ def encode_meta(msg: Message, error_cls: type[ProtocolError] = LocalProtocolErro
         # a value not of its field's type (a model_construct'ed message) raises rather than turning into null
         meta = type(msg).__pydantic_serializer__.to_json(msg, warnings="error")  # model_dump_json, as bytes
     except Exception as exc:
-        bad = _non_finite_path(msg, where)
-        if bad:
-            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float") from None
+        err = _non_finite_error(msg, where, error_cls)
+        if err is not None:
+            raise err from None
         raise error_cls(where, f"not serialisable: {exc}", "not_serialisable") from exc
-    # the models write a non-finite float as a JSON constant (``ser_json_inf_nan``); JSON has none, so it is
-    # refused here (the substring alone may be a string's text: the model then says where, or that none is)
-    if b"NaN" in meta or b"Infinity" in meta:
-        bad = _non_finite_path(msg, where)
-        if bad:
-            raise error_cls(bad, "non-finite float (NaN/Inf) cannot travel as JSON", "non_finite_float")
+    if _spells_constant(meta):
+        err = _non_finite_error(msg, where, error_cls)
+        if err is not None:
+            raise err
     if len(meta) > MAX_META_BYTES:
         raise error_cls(
             where, f"metadata is {len(meta)} bytes > MAX_META_BYTES={MAX_META_BYTES}", "meta_too_large"
@@ -361,7 +368,7 @@ def decode_meta(h: FrameHeader, meta: bytes | bytearray | memoryview) -> Message
         raise RemoteProtocolError(
             f"{where}.meta", f"crc32 {zlib.crc32(meta):#010x} != header {h.crc:#010x}", "crc_mismatch"
         )
-    if b"NaN" in meta or b"Infinity" in meta:  # pydantic's parser takes these constants; JSON has none
+    if _spells_constant(meta):
         _refuse_constants(where, meta)
     try:
         # model_validate_json (pydantic's parser: UTF-8 JSON, then the fields), minus its Python wrapper
