@@ -72,7 +72,7 @@ function showStatus(s) {
     ["prompt → first frame s", fmt(t.prompt_to_first_frame_s, 2)],
     ["chunks / stale / retries / cuts", `${c.emitted} / ${c.stale_dropped} / ${c.retries} / ${c.hard_cuts}`],
     ["viewers", String(s.server.viewers.length)], ["frames dropped (server)", String(s.server.frames_dropped)],
-    ["frames superseded by cuts", String(s.server.viewers.reduce((n, v) => n + (v.frames_superseded || 0), 0))],
+    ["frames superseded by cuts (viewers now)", String(s.server.viewers.reduce((n, v) => n + (v.frames_superseded || 0), 0))],
   ];
   const fb = $("figures").tBodies[0];
   fb.innerHTML = "";
